@@ -1,0 +1,249 @@
+"""Typed configuration with recipe defaults: one dataclass per stage, YAML overlays and `--set key=value` overrides.
+
+Every command resolves one `Config`; the resolved config travels with every artifact (dataset.json, checkpoints, the
+MLflow run). YAML files are thin overlays of the form ``{section: {field: value}}``; unknown keys are errors that list
+the valid ones.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+@dataclass
+class IngestConfig:
+    resolution: int = 128  # output side in pixels (the product is built around 128)
+    slice_axis: str = "axial"  # axial | coronal | sagittal, in canonical RAS anatomy
+    ct_window: str = "abdomen"  # abdomen | brain | lung | bone | custom (then window_center_hu/window_width_hu)
+    window_center_hu: float = 40.0  # only for ct_window=custom
+    window_width_hu: float = 400.0  # only for ct_window=custom
+    mr_percentiles: list[float] = field(default_factory=lambda: [0.5, 99.5])  # per-volume clip for MR/other modalities
+    foreground_level: float = -0.8  # a pixel is foreground above this value in [-1, 1]
+    min_foreground_fraction: float = 0.05  # slices with less foreground are dropped as near-empty
+    mask_labels: dict[str, str] = field(default_factory=dict)  # mask label id -> class name (mask-derived labels)
+    mask_min_area_px: int = 64  # a mask class needs at least this many pixels on the 128x128 slice
+    mask_background_class: str = ""  # class for slices where no mapped label reaches the area ("" drops them)
+    dicom_label_tag: str = ""  # DICOM keyword whose value gives the class (e.g. SeriesDescription)
+    dicom_label_map: dict[str, str] = field(default_factory=dict)  # tag value -> class name
+    split_fractions: list[float] = field(default_factory=lambda: [0.8, 0.1, 0.1])  # train/val/test by patient
+    min_series_slices: int = 4  # DICOM series with fewer slices (scouts, localisers) are skipped
+    volume_index: int = 0  # which volume of a 4-D NIfTI to read
+    dedup_max_distance: int = 2  # 2-D sets: images whose perceptual hashes differ by <= this share a group
+    workers: int = 0  # processes over volumes; 0 = all cores
+    seed: int = 0  # split hashing salt and any sampling
+
+
+@dataclass
+class ModelConfig:
+    z_dim: int = 128  # latent size
+    width: int = 64  # channel multiplier; G's penultimate map and D's stem both have `width` channels at 64x64
+    g_max_channels: int = 1024  # cap on G channels at low resolution (1024 at 4x4 = DCGAN-128 widths)
+    d_max_channels: int = 512  # cap on D channels at low resolution
+    d_reduce_channels: int | None = 32  # 1x1 conv reduction of D's 64x64 features; None ("none") = unreduced
+    spectral_norm: bool = True  # spectral norm in D
+    embed_dim: int = 128  # class embedding size for conditional batch norm in G
+
+
+@dataclass
+class TrainConfig:
+    total_kimg: float = 200.0  # training length in thousands of real images shown to D
+    batch_size: int = 32  # global batch (split across DDP ranks)
+    d_steps: int = 1  # D steps per G step
+    lr_g: float = 2e-4
+    lr_d: float = 2e-4
+    betas: list[float] = field(default_factory=lambda: [0.5, 0.999])
+    loss: str = "nsgan"  # nsgan (non-saturating logistic) | hinge
+    label_smoothing: float = 0.0  # one-sided: real targets become 1 - label_smoothing
+    r1_gamma: float = 0.1  # R1 weight; 0 disables
+    r1_interval: int = 16  # lazy R1 every N D steps
+    augment: str = "diffaug"  # diffaug | ada | none
+    ada_target: float = 0.6  # target r_t for ADA
+    ada_kimg: float = 100.0  # ADA adjustment speed (kimg for p to go 0 -> 1)
+    ema_kimg: float = 10.0  # EMA half-life of G_ema in kimg
+    log_every_kimg: float = 1.0
+    sample_every_kimg: float = 10.0
+    ckpt_every_kimg: float = 10.0
+    precision: str = "auto"  # auto | bf16 | fp32 (auto: bf16 on CUDA and on CPUs that support it)
+    compile: str = "auto"  # auto | true | false (auto: compile on CUDA only; slower on CPU)
+    channels_last: bool = True
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    seed: int = 0
+
+
+@dataclass
+class TrackConfig:
+    tracking_uri: str = ""  # "" = MLFLOW_TRACKING_URI, else sqlite:///<cwd>/mlflow.db
+    experiment: str = ""  # "" = medgan-<dataset name>
+    registered_model: str = ""  # "" = medgan-<dataset name>
+    register: bool = True  # register the EMA generator at the end of training
+    enabled: bool = True  # False = null tracker (training still runs)
+    system_metrics: bool = True  # CPU/memory/GPU metrics through MLflow when psutil is present
+
+
+@dataclass
+class EvalConfig:
+    n_per_class: int = 200  # synthetic images per class
+    feature_epochs: int = 15  # domain classifier training budget
+    classifier_epochs: int = 15  # TSTR / TRTR classifier budget
+    near_copy_ratio: float = 0.5  # synthetic-to-train NN distance below this x the test-to-train median = near copy
+    gate_min_tstr_ratio: float = 0.7  # --promote gate: TSTR/TRTR balanced accuracy
+    gate_max_near_copy_fraction: float = 0.01  # --promote gate
+    gate_min_class_fidelity: float = 0.0  # --promote gate
+    seed: int = 0
+
+
+@dataclass
+class ExportConfig:
+    format: str = "png"  # png | npy | nifti | dicom
+    n_per_class: int = 100
+    seed: int = 0  # image i of class c uses seed + a stable offset; the manifest records each
+    batch_size: int = 256
+    png_bits: int = 8  # 8 | 16
+
+
+@dataclass
+class Config:
+    ingest: IngestConfig = field(default_factory=IngestConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    track: TrackConfig = field(default_factory=TrackConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+
+
+class ConfigError(ValueError):
+    """A config key or value that does not fit the schema; the message lists what would."""
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Convert a YAML/CLI value to the annotated type, or raise a ConfigError naming the key."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null", "")):
+            if type(None) in args:
+                return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], key)
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        if isinstance(value, str):
+            value = yaml.safe_load(value) if value.strip().startswith("[") else [v for v in value.split(",") if v]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [_coerce(v, item, key) for v in value]
+    if origin is dict:
+        kt, vt = typing.get_args(tp)
+        if isinstance(value, str):
+            value = yaml.safe_load(value)
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return {_coerce(k, kt, key): _coerce(v, vt, key) for k, v in value.items()}
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on"):
+            return True
+        if isinstance(value, str) and value.lower() in ("false", "0", "no", "off"):
+            return False
+        raise ConfigError(f"{key}: expected true/false, got {value!r}")
+    if tp in (int, float, str):
+        if tp is str:
+            return ("true" if value else "false") if isinstance(value, bool) else str(value)
+        try:
+            out = tp(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key}: expected {tp.__name__}, got {value!r}") from None
+        if tp is int and isinstance(value, float) and value != out:
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return out
+    raise ConfigError(f"{key}: unsupported type {tp}")
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def set_value(cfg: Config, dotted: str, value: Any) -> None:
+    """Set ``section.field`` on `cfg`, coercing `value` to the field's type.
+
+    Raises:
+        ConfigError: the section or field does not exist (the message lists valid ones) or the value does not fit.
+    """
+    parts = dotted.split(".")
+    sections = [f.name for f in dataclasses.fields(cfg)]
+    if len(parts) != 2 or parts[0] not in sections:
+        raise ConfigError(f"Unknown config key {dotted!r}: keys look like SECTION.FIELD with SECTION one of {sections}")
+    section = getattr(cfg, parts[0])
+    hints = _hints(type(section))
+    if parts[1] not in hints:
+        raise ConfigError(f"Unknown config key {dotted!r}; valid keys in {parts[0]!r}: {sorted(hints)}")
+    setattr(section, parts[1], _coerce(value, hints[parts[1]], dotted))
+
+
+def overlay(cfg: Config, data: dict[str, Any], source: str = "overlay") -> Config:
+    """Apply a nested ``{section: {field: value}}`` mapping onto `cfg` in place and return it."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a mapping of sections, got {type(data).__name__}")
+    for section, values in data.items():
+        if not isinstance(values, dict):
+            raise ConfigError(f"{source}: section {section!r} must be a mapping of field: value")
+        for k, v in values.items():
+            try:
+                set_value(cfg, f"{section}.{k}", v)
+            except ConfigError as e:
+                raise ConfigError(f"{source}: {e}") from None
+    return cfg
+
+
+def load_config(paths: list[str | Path] | None = None, sets: list[str] | None = None) -> Config:
+    """Resolve a Config: recipe defaults, then each YAML overlay in order, then ``key=value`` overrides.
+
+    Example:
+        >>> cfg = load_config(["configs/train/cpu_smoke.yaml"], ["train.batch_size=64"])
+        >>> cfg.train.batch_size
+        64
+    """
+    cfg = Config()
+    for p in paths or []:
+        p = Path(p)
+        if not p.is_file():
+            raise ConfigError(f"config file {p} not found")
+        overlay(cfg, yaml.safe_load(p.read_text()) or {}, source=str(p))
+    for s in sets or []:
+        if "=" not in s:
+            raise ConfigError(f"--set {s!r}: expected KEY=VALUE, e.g. train.batch_size=64")
+        k, v = s.split("=", 1)
+        set_value(cfg, k.strip(), yaml.safe_load(v) if v.strip() else "")
+    return cfg
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """The config (or one section) as plain nested dicts."""
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(data: dict[str, Any]) -> Config:
+    """Rebuild a Config from `to_dict` output (e.g. a checkpoint's resolved config)."""
+    return overlay(Config(), data, source="saved config")
+
+
+def flatten(cfg: Config) -> dict[str, str]:
+    """``{"train.batch_size": "32", ...}``: the resolved config as flat string params (MLflow params)."""
+    out: dict[str, str] = {}
+    for section, values in to_dict(cfg).items():
+        for k, v in values.items():
+            out[f"{section}.{k}"] = "none" if v is None else str(v)
+    return out
+
+
+def dump_yaml(cfg: Config) -> str:
+    """The resolved config as YAML (what `--dry-run` prints)."""
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)

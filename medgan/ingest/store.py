@@ -1,0 +1,213 @@
+"""The slice-dataset contract (schema ``medgan.slices/1``): the one writer and reader every stage shares.
+
+A dataset folder holds ``dataset.json`` (metadata, counts, hashes, resolved config), ``slices.npy`` (float16
+[N, 1, 128, 128] in [-1, 1]), ``slices.csv`` (one row per slice, pseudonymous keys only) and ``report.csv`` (one row per
+input source: ok or skipped with a reason). Ingest writes it, export writes it with ``synthetic: true``; train, evaluate
+and export read it.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from medgan import __version__
+from medgan.io import atomic_dir, atomic_write_json, read_json, sha256_array
+
+SCHEMA = "medgan.slices/1"
+SPLITS = ("train", "val", "test")
+COLUMNS = (
+    "row",
+    "split",
+    "label",
+    "class_name",
+    "patient",
+    "volume",
+    "slice_index",
+    "position_mm",
+    "spacing_mm",
+    "modality",
+    "seed",
+)
+REPORT_COLUMNS = ("manifest_row", "source", "status", "reason", "n_slices")
+
+
+def _csv_text(columns: Sequence[str], rows: Sequence[dict[str, Any]]) -> str:
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=list(columns), lineterminator="\n", extrasaction="raise")
+    w.writeheader()
+    for r in rows:
+        w.writerow({c: _fmt(r.get(c, "")) for c in columns})
+    return buf.getvalue()
+
+
+def _fmt(v: Any) -> str:
+    if v is None:
+        return ""
+    if isinstance(v, (float, np.floating)):
+        return f"{float(v):.6g}"
+    return str(v)
+
+
+def content_hash(images: np.ndarray, slices_csv: str, classes: Sequence[str]) -> str:
+    """SHA-256 over the pixels, the slice table and the class list: equal inputs give equal hashes."""
+    h = hashlib.sha256(SCHEMA.encode())
+    h.update(("\x1f".join(classes)).encode())
+    h.update(slices_csv.encode())
+    sha256_array(images, h)
+    return h.hexdigest()
+
+
+def write_dataset(
+    out: str | Path,
+    images: np.ndarray,
+    rows: Sequence[dict[str, Any]],
+    classes: Sequence[str],
+    meta: dict[str, Any] | None = None,
+    report: Sequence[dict[str, Any]] | None = None,
+    extra_files: dict[str, bytes] | None = None,
+) -> dict[str, Any]:
+    """Write a slice dataset atomically (built in ``<out>.partial/``, renamed when complete).
+
+    Args:
+        out: the dataset folder to create or replace.
+        images: float16-convertible array [N, 1, R, R] with values in [-1, 1].
+        rows: N dicts with the `COLUMNS` keys (``row`` is filled in); ``label`` indexes `classes`.
+        classes: class names, index = label.
+        meta: extra ``dataset.json`` fields (normalization, source manifest hash, resolved config, synthetic, ...).
+        report: per-source ingest rows (`REPORT_COLUMNS`).
+        extra_files: more files to place in the folder (e.g. a contact sheet), name -> bytes.
+
+    Returns:
+        The ``dataset.json`` content.
+
+    Raises:
+        ValueError: shapes, value range or labels that break the contract, naming which.
+    """
+    out = Path(out)
+    if images.ndim != 4 or images.shape[1] != 1 or images.shape[2] != images.shape[3]:
+        raise ValueError(f"{out}: images must be [N, 1, R, R], got {tuple(images.shape)}")
+    if len(rows) != len(images):
+        raise ValueError(f"{out}: {len(images)} images but {len(rows)} rows")
+    rows = [dict(r, row=i) for i, r in enumerate(rows)]
+    for r in rows:
+        if r.get("split") not in SPLITS:
+            raise ValueError(f"{out}: row {r['row']} has split {r.get('split')!r}; expected one of {SPLITS}")
+        if not 0 <= int(r["label"]) < len(classes):
+            raise ValueError(f"{out}: row {r['row']} has label {r['label']} but there are {len(classes)} classes")
+        r.setdefault("class_name", classes[int(r["label"])])
+    slices_csv = _csv_text(COLUMNS, rows)
+    counts: dict[str, dict[str, int]] = {s: dict.fromkeys(classes, 0) for s in SPLITS}
+    for (split, label), n in Counter((r["split"], int(r["label"])) for r in rows).items():
+        counts[split][classes[label]] = n
+    with atomic_dir(out) as tmp:
+        arr = np.lib.format.open_memmap(tmp / "slices.npy", mode="w+", dtype=np.float16, shape=images.shape)
+        for i in range(0, len(images), 4096):
+            chunk = np.asarray(images[i : i + 4096], dtype=np.float32)
+            if chunk.size and (np.nanmin(chunk) < -1.0001 or np.nanmax(chunk) > 1.0001 or np.isnan(chunk).any()):
+                raise ValueError(f"{out}: images {i}..{i + len(chunk)} leave [-1, 1] or contain NaN")
+            arr[i : i + len(chunk)] = chunk
+        arr.flush()
+        digest = content_hash(arr, slices_csv, classes)
+        del arr
+        (tmp / "slices.csv").write_text(slices_csv)
+        (tmp / "report.csv").write_text(_csv_text(REPORT_COLUMNS, report or []))
+        for name, data in (extra_files or {}).items():
+            (tmp / name).write_bytes(data)
+        info = {
+            "schema": SCHEMA,
+            "name": out.name,
+            "resolution": int(images.shape[-1]),
+            "value_range": [-1, 1],
+            "classes": list(classes),
+            "n_slices": len(rows),
+            "counts": counts,
+            "content_hash": digest,
+            "synthetic": False,
+            "medgan_version": __version__,
+            **(meta or {}),
+        }
+        atomic_write_json(tmp / "dataset.json", info)
+    return info
+
+
+@dataclass
+class SliceDataset:
+    """A slice dataset opened for reading; pixels stay memory-mapped.
+
+    Example:
+        >>> ds = SliceDataset.open("datasets/brain")
+        >>> x = ds.images[ds.indices("train")]    # float16 [n, 1, 128, 128]
+        >>> y = ds.labels[ds.indices("train")]    # int64 [n]
+    """
+
+    path: Path
+    meta: dict[str, Any]
+    images: np.ndarray
+    table: list[dict[str, str]]
+
+    @classmethod
+    def open(cls, path: str | Path) -> SliceDataset:
+        """Open a dataset folder written by `write_dataset`.
+
+        Raises:
+            FileNotFoundError: the folder or one of its files is missing (an unfinished ``.partial`` is named).
+            ValueError: the schema or shapes do not match ``medgan.slices/1``.
+        """
+        path = Path(path)
+        if not (path / "dataset.json").is_file():
+            hint = f" ({path}.partial exists: the ingest was interrupted; rerun it to resume)" if Path(
+                f"{path}.partial"
+            ).exists() else ""
+            raise FileNotFoundError(f"{path} is not a medgan dataset: dataset.json missing{hint}")
+        meta = read_json(path / "dataset.json")
+        if meta.get("schema") != SCHEMA:
+            raise ValueError(f"{path}: schema {meta.get('schema')!r}, expected {SCHEMA!r}")
+        images = np.load(path / "slices.npy", mmap_mode="r")
+        with open(path / "slices.csv", newline="") as f:
+            table = list(csv.DictReader(f))
+        if len(table) != len(images):
+            raise ValueError(f"{path}: slices.npy has {len(images)} slices but slices.csv has {len(table)} rows")
+        return cls(path=path, meta=meta, images=images, table=table)
+
+    @property
+    def classes(self) -> list[str]:
+        return list(self.meta["classes"])
+
+    @property
+    def content_hash(self) -> str:
+        return str(self.meta["content_hash"])
+
+    @property
+    def synthetic(self) -> bool:
+        return bool(self.meta.get("synthetic", False))
+
+    @property
+    def labels(self) -> np.ndarray:
+        return np.array([int(r["label"]) for r in self.table], dtype=np.int64)
+
+    @property
+    def splits(self) -> np.ndarray:
+        return np.array([r["split"] for r in self.table])
+
+    def column(self, name: str) -> list[str]:
+        return [r[name] for r in self.table]
+
+    def indices(self, split: str | None = None) -> np.ndarray:
+        """Row indices of one split (all rows when `split` is None)."""
+        if split is None:
+            return np.arange(len(self.table))
+        if split not in SPLITS:
+            raise ValueError(f"split {split!r} is not one of {SPLITS}")
+        return np.flatnonzero(self.splits == split)
+
+    def __len__(self) -> int:
+        return len(self.table)

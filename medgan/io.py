@@ -1,0 +1,122 @@
+"""Atomic files and folders, content hashing and JSON: the only place medgan writes bytes to disk directly."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """Write `data` to `path` so a reader sees the old file or the new one, never half of one.
+
+    Example:
+        >>> atomic_write_bytes("out/report.bin", b"...")
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    """Write UTF-8 text atomically (see `atomic_write_bytes`)."""
+    return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def to_json(obj: Any) -> str:
+    """Stable, human-readable JSON: sorted keys, numpy scalars and paths converted."""
+
+    def default(o: Any) -> Any:
+        if isinstance(o, np.generic):
+            return o.item()
+        if isinstance(o, np.ndarray):
+            return o.tolist()
+        if isinstance(o, Path):
+            return str(o)
+        if isinstance(o, (set, frozenset)):
+            return sorted(o)
+        raise TypeError(f"{type(o).__name__} is not JSON serialisable")
+
+    return json.dumps(obj, indent=2, sort_keys=True, default=default) + "\n"
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
+    """Write `obj` as stable JSON atomically."""
+    return atomic_write_text(path, to_json(obj))
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    """Read a JSON file, naming the file in the error when it is not valid JSON."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e}); was it written by medgan and completely?") from e
+
+
+@contextlib.contextmanager
+def atomic_dir(final: str | os.PathLike, *, keep_partial: bool = True) -> Iterator[Path]:
+    """Build a folder at `<final>.partial` and rename it to `final` only when the block finishes.
+
+    An interrupted build leaves `<final>.partial` behind so the next run can resume from it; an existing `final`
+    is replaced only after the new one is complete.
+
+    Example:
+        >>> with atomic_dir("datasets/ct") as tmp:
+        ...     (tmp / "dataset.json").write_text("{}")
+    """
+    final = Path(final)
+    partial = final.with_name(final.name + ".partial")
+    partial.mkdir(parents=True, exist_ok=True)
+    try:
+        yield partial
+    except BaseException:
+        if not keep_partial:
+            shutil.rmtree(partial, ignore_errors=True)
+        raise
+    old = final.with_name(final.name + ".old")
+    if final.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+    os.replace(partial, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def sha256_file(path: str | os.PathLike, chunk_bytes: int = 1 << 22) -> str:
+    """Hex SHA-256 of a file's bytes, read in chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk_bytes):
+            h.update(block)
+    return h.hexdigest()
+
+
+def sha256_array(array: np.ndarray, h: Any | None = None, chunk_rows: int = 4096) -> Any:
+    """Feed an array's dtype, shape and C-order bytes into a SHA-256 (chunked, so memmaps stay out of RAM)."""
+    h = h or hashlib.sha256()
+    h.update(f"{array.dtype.str}{tuple(array.shape)}".encode())
+    if array.ndim == 0 or len(array) == 0:
+        h.update(np.ascontiguousarray(array).tobytes())
+        return h
+    for i in range(0, len(array), chunk_rows):
+        h.update(np.ascontiguousarray(array[i : i + chunk_rows]).tobytes())
+    return h

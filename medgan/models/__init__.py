@@ -1,0 +1,1 @@
+"""Networks: the class-conditional generator and the channel-reduced feature-map discriminator."""
