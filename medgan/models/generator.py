@@ -118,3 +118,31 @@ def generate(
         out[i : i + len(z)] = G(z, y).float().cpu().numpy()
     G.train(was_training)
     return out
+
+
+class LoadedGenerator:
+    """A generator ready to sample, with what it was trained on (returned by `medgan.tracking.load_generator`).
+
+    Attributes:
+        G: the EMA generator, eval mode, on the CPU.
+        classes: class names, index = label.
+        model_cfg: the ModelConfig it was built from.
+        info: provenance: ``model_uri``, ``name``, ``version``, ``run_id``, ``dataset_hash``, ``checkpoint`` (those known).
+    """
+
+    def __init__(self, G: Generator, classes: list[str], model_cfg: ModelConfig, info: dict | None = None):
+        if G.num_classes != len(classes):
+            raise ValueError(f"generator has {G.num_classes} classes but {len(classes)} class names were given")
+        self.G, self.classes, self.model_cfg, self.info = G.eval(), list(classes), model_cfg, dict(info or {})
+
+    def class_index(self, name_or_index: str | int) -> int:
+        """Label index of a class name or index string, with an error listing the valid classes."""
+        if isinstance(name_or_index, str) and name_or_index in self.classes:
+            return self.classes.index(name_or_index)
+        try:
+            i = int(name_or_index)
+        except (TypeError, ValueError):
+            i = -1
+        if not 0 <= i < len(self.classes):
+            raise ValueError(f"unknown class {name_or_index!r}; this generator knows {self.classes} (or 0..{len(self.classes) - 1})")
+        return i
