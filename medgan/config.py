@@ -106,6 +106,10 @@ class ExportConfig:
     seed: int = 0  # image i of class c uses seed + a stable offset; the manifest records each
     batch_size: int = 256
     png_bits: int = 8  # 8 | 16
+    split: str = "train"  # slices.csv split of every exported row (train so `medgan train` reads it as is)
+    spacing_mm: float = 0.0  # in-plane pixel spacing for NIfTI/DICOM; 0 = the training data's when known, else 1.0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N (auto: CUDA when available); pixels are identical per device
+    workers: int = 0  # threads encoding and writing files; 0 = min(8, cores)
 
 
 @dataclass

@@ -1,0 +1,198 @@
+"""Privacy: keyed pseudonyms for patients and volumes, patient-level split assignment and near-duplicate grouping.
+
+Identifiers never leave a reader in clear text: every patient, study, series or file key is replaced by
+``"p-" + 16 hex`` = HMAC-SHA256(secret key, value). The key lives in a file outside the dataset (created with mode 0600
+when missing), so the same key gives the same pseudonyms across ingests and nobody without it can reverse or re-derive
+them from a guessed identifier.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+import secrets
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+
+SPLITS = ("train", "val", "test")
+
+
+def load_key(key_file: str | os.PathLike, *, dataset: str | os.PathLike | None = None) -> bytes:
+    """Read the pseudonymisation key, creating a random 32-byte key (mode 0600) when the file is missing.
+
+    Args:
+        key_file: where the key lives (e.g. ``~/.medgan/pseudonym.key``).
+        dataset: the dataset folder being written; the key must not live inside it.
+
+    Returns:
+        The key bytes.
+
+    Raises:
+        ValueError: the key file lies inside the dataset folder, or is shorter than 16 bytes.
+    """
+    key_file = Path(key_file).expanduser()
+    if dataset is not None:
+        ds = Path(dataset).resolve()
+        kf = key_file.resolve()
+        for d in (ds, ds.with_name(ds.name + ".partial")):
+            if kf == d or d in kf.parents:
+                raise ValueError(
+                    f"key file {key_file} lies inside the dataset folder {dataset}; keep the pseudonymisation key "
+                    "outside anything you share (e.g. --key-file ~/.medgan/pseudonym.key)"
+                )
+    if not key_file.exists():
+        key_file.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(secrets.token_bytes(32))
+    key = key_file.read_bytes()
+    if len(key) < 16:
+        raise ValueError(f"key file {key_file} holds {len(key)} bytes; a key needs >= 16 (delete it to create a new one)")
+    return key
+
+
+def key_id(key: bytes) -> str:
+    """A short public fingerprint of the key (which key made these pseudonyms), not the key itself."""
+    return hashlib.sha256(b"medgan-key-id:" + key).hexdigest()[:12]
+
+
+class Pseudonymizer:
+    """Keyed pseudonyms: ``"p-" + 16 hex`` of HMAC-SHA256(key, value).
+
+    Example:
+        >>> pseudonym = Pseudonymizer(b"0" * 32)
+        >>> pseudonym("patient:crlab")  # 'p-' + 16 hex, the same for the same key and value
+    """
+
+    def __init__(self, key: bytes) -> None:
+        self._key = bytes(key)
+
+    def __call__(self, value: str) -> str:
+        return "p-" + hmac.new(self._key, value.encode("utf-8"), hashlib.sha256).hexdigest()[:16]
+
+    def __reduce__(self):  # picklable for worker processes (the key travels in memory only)
+        return (Pseudonymizer, (self._key,))
+
+
+def _unit_hash(value: str, seed: int) -> float:
+    """A stable number in [0, 1) from a (pseudonymous) key and the seed."""
+    d = hashlib.sha256(f"medgan-split:{seed}:{value}".encode()).digest()
+    return int.from_bytes(d[:8], "big") / 2.0**64
+
+
+def assign_splits(
+    patient_classes: Mapping[str, str],
+    fractions: Sequence[float],
+    seed: int = 0,
+    fixed: Mapping[str, str] | None = None,
+) -> dict[str, str]:
+    """Assign every patient to train/val/test, stratified by class.
+
+    The rule: patients are grouped by their main class (the class of most of their slices). Within each class the
+    patients are ordered by a stable hash of (seed, pseudonymous patient key); the patient at rank ``i`` of ``n`` goes to
+    the split whose cumulative fraction interval contains ``(i + 0.5) / n``. So each class is split in the configured
+    proportions as far as its patient count allows (a class with one patient lands in train), the assignment depends
+    only on the keys, seed and fractions, and a patient is never in two splits. Patients in `fixed` (a split from the
+    manifest) keep it.
+
+    Args:
+        patient_classes: patient key -> main class name.
+        fractions: train/val/test fractions (normalised to sum 1).
+        seed: hashing salt (``ingest.seed``).
+        fixed: patient key -> split given by the manifest.
+
+    Returns:
+        patient key -> split name.
+
+    Raises:
+        ValueError: fractions are not three non-negative numbers with a positive sum.
+    """
+    f = np.asarray(fractions, dtype=np.float64)
+    if f.shape != (3,) or (f < 0).any() or f.sum() <= 0:
+        raise ValueError(f"ingest.split_fractions must be 3 non-negative numbers (train, val, test), got {fractions}")
+    edges = np.cumsum(f / f.sum())
+    fixed = dict(fixed or {})
+    out = dict(fixed)
+    strata: dict[str, list[str]] = defaultdict(list)
+    for p, c in patient_classes.items():
+        if p not in fixed:
+            strata[c].append(p)
+    for members in strata.values():
+        members.sort(key=lambda p: (_unit_hash(p, seed), p))
+        n = len(members)
+        for i, p in enumerate(members):
+            k = int(np.searchsorted(edges, (i + 0.5) / n, side="right"))
+            out[p] = SPLITS[min(k, 2)]
+    return out
+
+
+# Near-duplicate grouping for 2-D sets without patients.
+
+HASH_SIDE = 16  # a 16x16 mean hash: 256 bits
+
+
+def mean_hash(image: np.ndarray) -> np.ndarray:
+    """256-bit perceptual mean hash of a 2-D image: area-downsample to 16x16, bit = pixel > mean.
+
+    Returns:
+        uint64 [4] (the bits, packed).
+    """
+    x = np.asarray(image, dtype=np.float32)
+    h, w = x.shape
+    hs, ws = h - h % HASH_SIDE, w - w % HASH_SIDE
+    if hs >= HASH_SIDE and ws >= HASH_SIDE:
+        x = x[:hs, :ws].reshape(HASH_SIDE, hs // HASH_SIDE, HASH_SIDE, ws // HASH_SIDE).mean(axis=(1, 3))
+    else:
+        rows = np.linspace(0, h - 1, HASH_SIDE).round().astype(int)
+        cols = np.linspace(0, w - 1, HASH_SIDE).round().astype(int)
+        x = x[np.ix_(rows, cols)]
+    bits = (x > x.mean()).ravel()
+    return np.packbits(bits).view(">u8").astype(np.uint64)
+
+
+def group_near_duplicates(hashes: np.ndarray, max_distance: int) -> np.ndarray:
+    """Group images whose hashes differ in at most `max_distance` bits (transitively), by union-find.
+
+    Candidate pairs come from hash buckets: by the pigeonhole rule, two 256-bit hashes within distance d agree exactly
+    on at least one of d + 1 interleaved bit subsets, so only images sharing a bucket are compared.
+
+    Args:
+        hashes: uint64 [N, 4] from `mean_hash`.
+        max_distance: the largest Hamming distance that still counts as a duplicate.
+
+    Returns:
+        int64 [N]: the group id of each image = the smallest index in its group.
+    """
+    hashes = np.asarray(hashes, dtype=np.uint64).reshape(len(hashes), -1)
+    n = len(hashes)
+    parent = np.arange(n)
+
+    def find(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    bits = np.unpackbits(hashes.astype(">u8").view(np.uint8), axis=1)  # [N, 256]
+    nsub = max(1, int(max_distance) + 1)
+    for k in range(nsub):
+        sub = np.packbits(bits[:, k::nsub], axis=1)
+        buckets: dict[bytes, list[int]] = defaultdict(list)
+        for i, row in enumerate(sub):
+            buckets[row.tobytes()].append(i)
+        for members in buckets.values():
+            if len(members) < 2:
+                continue
+            m = np.asarray(members)
+            hm = hashes[m]
+            for a in range(len(m) - 1):
+                dist = np.bitwise_count(hm[a + 1 :] ^ hm[a]).sum(axis=1)
+                for b in m[a + 1 :][dist <= max_distance]:
+                    ra, rb = find(int(m[a])), find(int(b))
+                    if ra != rb:
+                        parent[max(ra, rb)] = min(ra, rb)
+    return np.array([find(i) for i in range(n)], dtype=np.int64)

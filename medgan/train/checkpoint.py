@@ -1,0 +1,109 @@
+"""Checkpoints: state_dicts + plain data in one torch.save buffer, written atomically, loaded with weights_only=True.
+
+A checkpoint holds G, D, G_ema, both optimizers, the augmentation and monitor state, counters, RNG state, the resolved
+config, the classes and the dataset content hash, so `--resume` continues exactly. Files are named
+``ckpt-<images seen, 9 digits>.pt`` (``ckpt-000120000.pt`` = 120 kimg): they sort, and tiny smoke runs never collide.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from medgan.config import from_dict
+from medgan.io import atomic_write_bytes
+from medgan.models.generator import Generator, LoadedGenerator
+
+PATTERN = re.compile(r"^ckpt-(\d{9})\.pt$")
+
+
+def checkpoint_name(images_seen: int) -> str:
+    return f"ckpt-{images_seen:09d}.pt"
+
+
+def save(path: Path, state: dict[str, Any]) -> Path:
+    """Write `state` atomically (a reader sees the previous checkpoint or this one, never half of one)."""
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    return atomic_write_bytes(path, buf.getvalue())
+
+
+def load(path: str | Path) -> dict[str, Any]:
+    """Read a checkpoint with weights_only=True (no pickled code runs).
+
+    Raises:
+        FileNotFoundError: the file does not exist.
+        ValueError: it is not a medgan checkpoint.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} not found")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a truncated or foreign file
+        raise ValueError(f"{path} is not a readable medgan checkpoint ({e})") from e
+    if not isinstance(state, dict) or "G_ema" not in state or "config" not in state:
+        raise ValueError(f"{path} is not a medgan checkpoint (no G_ema/config); pass a ckpt-*.pt written by medgan train")
+    return state
+
+
+def latest(run_dir: Path) -> Path | None:
+    """The newest ``ckpt-*.pt`` in a run folder, or None."""
+    found = sorted(p for p in Path(run_dir).glob("ckpt-*.pt") if PATTERN.match(p.name))
+    return found[-1] if found else None
+
+
+def resolve(resume: str | Path) -> Path:
+    """A run folder (its latest checkpoint) or a checkpoint file.
+
+    Raises:
+        FileNotFoundError: nothing to resume from, naming what was looked for.
+    """
+    p = Path(resume)
+    if p.is_dir():
+        ckpt = latest(p)
+        if ckpt is None:
+            raise FileNotFoundError(f"--resume {p}: the folder holds no ckpt-*.pt; pass a run folder of medgan train")
+        return ckpt
+    if p.is_file():
+        return p
+    raise FileNotFoundError(f"--resume {p}: no such run folder or checkpoint file")
+
+
+def check_dataset(state: dict[str, Any], content_hash: str, data: Path, ckpt: Path) -> None:
+    """Refuse to resume on different data than the checkpoint was trained on."""
+    if state["dataset_hash"] != content_hash:
+        raise ValueError(
+            f"--resume {ckpt}: it was trained on a dataset with content hash {state['dataset_hash'][:12]}, but {data} "
+            f"has {content_hash[:12]}; resume with the same dataset, or start a new run without --resume"
+        )
+
+
+def load_generator(path: str | Path) -> LoadedGenerator:
+    """The EMA generator of a checkpoint, on the CPU in eval mode.
+
+    Args:
+        path: a ``ckpt-*.pt`` file, or a run folder (its latest checkpoint).
+
+    Returns:
+        A LoadedGenerator with info {"checkpoint", "dataset_hash", "run_id"}.
+
+    Raises:
+        FileNotFoundError: no checkpoint there.
+        ValueError: not a medgan checkpoint.
+
+    Example:
+        >>> loaded = load_generator("runs/demo-cpu_smoke-1a2b3c/ckpt-000000512.pt")
+        >>> images = generate(loaded.G, labels=[0, 1], seeds=[0, 0])
+    """
+    path = resolve(path)
+    state = load(path)
+    cfg = from_dict(state["config"])
+    G = Generator.from_config(cfg.model, len(state["classes"]))
+    G.load_state_dict(state["G_ema"])
+    info = {"checkpoint": str(path), "dataset_hash": state["dataset_hash"], "run_id": state.get("run_id")}
+    return LoadedGenerator(G.eval().requires_grad_(False), state["classes"], cfg.model, info)
