@@ -79,6 +79,10 @@ def ingest(folder, manifest, root, out, key_file, workers, strict, config_files,
 
     Either --manifest CSV (see data_manifests/README.md) or FOLDER with one sub-folder per class.
     """
+    import logging
+
+    # pydicom's warnings can quote file names and UIDs: keep them out of the logs.
+    logging.getLogger("pydicom").setLevel(logging.ERROR)
     cfg = _config(config_files, sets)
     if workers is not None:
         cfg.ingest.workers = workers
