@@ -38,6 +38,9 @@ class IngestConfig:
     dedup_max_distance: int = 2  # 2-D sets: images whose perceptual hashes differ by <= this share a group
     workers: int = 0  # processes over volumes; 0 = all cores
     seed: int = 0  # split hashing salt and any sampling
+    classes: list[str] = field(default_factory=list)  # allowed class names (index = label); empty = sorted names found
+    image_normalization: str = "minmax"  # 2-D PNG/JPEG intensities: minmax | percentile (uses mr_percentiles)
+    images_per_part: int = 256  # 2-D images processed (and resumed) together as one work item
 
 
 @dataclass
@@ -75,6 +78,11 @@ class TrainConfig:
     channels_last: bool = True
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     seed: int = 0
+    ema_rampup: float = 0.05  # EMA half-life is at most this x images seen early on (0 disables; Karras 2020)
+    ada_interval: int = 4  # D steps between ADA p adjustments
+    health_patience: int = 3  # log intervals a symptom must persist before an alarm (overpowering, collapse)
+    samples_per_class: int = 8  # fixed-noise samples per class for grids and the mode-collapse watch
+    progress: bool = True  # tqdm progress bar on rank 0
 
 
 @dataclass
@@ -97,6 +105,10 @@ class EvalConfig:
     gate_max_near_copy_fraction: float = 0.01  # --promote gate
     gate_min_class_fidelity: float = 0.0  # --promote gate
     seed: int = 0
+    cache_dir: str = ""  # domain networks cached in <cache_dir>/features; "" = ~/.cache/medgan
+    diversity_pairs: int = 50  # random same-class pairs per class for within-class MS-SSIM
+    kid_subsets: int = 50  # random subsets averaged by KID (subset size = min(1000, both set sizes))
+    n_figure_pairs: int = 8  # closest synthetic/train pairs shown in nearest_pairs.png
 
 
 @dataclass
