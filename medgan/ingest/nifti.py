@@ -36,7 +36,11 @@ def load_image(path: str | Path) -> nib.Nifti1Image | nib.Nifti2Image:
     Raises:
         ValueError: the file is not a readable NIfTI (truncated, wrong magic), naming the file.
     """
-    path = Path(path)
+    return _load(Path(path))[0]
+
+
+def _load(path: Path) -> tuple[nib.Nifti1Image | nib.Nifti2Image, bytes]:
+    """The image and its decompressed bytes."""
     raw = path.read_bytes()
     if raw[:2] == b"\x1f\x8b":
         try:
@@ -49,9 +53,29 @@ def load_image(path: str | Path) -> nib.Nifti1Image | nib.Nifti2Image:
     size_be = int.from_bytes(raw[:4], "big")
     cls = nib.Nifti2Image if 540 in (size_le, size_be) else nib.Nifti1Image
     try:
-        return cls.from_bytes(raw)
+        return cls.from_bytes(raw), raw
     except Exception as e:  # nibabel raises several types for bad headers
         raise ValueError(f"{path.name}: not a readable NIfTI file ({type(e).__name__}: {e})") from None
+
+
+def _voxels(img: nib.Nifti1Image | nib.Nifti2Image, raw: bytes, index: tuple, name: str) -> np.ndarray:
+    """float32 voxels of ``img[index]`` with scl_slope/scl_inter applied, read straight from the decoded bytes.
+
+    One conversion pass instead of nibabel's copy out of a BytesIO plus a cast; other layouts go through the proxy.
+    """
+    proxy = img.dataobj  # the loaded header's own offset/scaling (img.header is a copy with the offset reset)
+    dtype, order = np.dtype(getattr(proxy, "dtype", np.float32)), getattr(proxy, "order", "F")
+    if not hasattr(proxy, "offset") or dtype.fields is not None or dtype.hasobject:
+        return np.asarray(proxy[index], dtype=np.float32)
+    offset, n = int(proxy.offset), int(np.prod(img.shape))
+    if offset + n * dtype.itemsize > len(raw):
+        raise ValueError(f"{name}: voxel data is truncated ({len(raw) - offset} of {n * dtype.itemsize} bytes)")
+    data = np.frombuffer(raw, dtype=dtype, count=n, offset=offset).reshape(img.shape, order=order)[index]
+    slope, inter = float(proxy.slope), float(proxy.inter)
+    if slope == 1.0 and inter == 0.0:
+        return data.astype(np.float32)
+    # Scale in float64 like nibabel, so values match its get_fdata() bit for bit after the float32 cast.
+    return (data.astype(np.float64) * slope + inter).astype(np.float32)
 
 
 def canonical(data: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -92,7 +116,7 @@ def read_nifti_grid(
         >>> vol.array.shape, vol.spacing_mm
     """
     path = Path(path)
-    img = load_image(path)
+    img, raw = _load(path)
     shape = tuple(int(s) for s in img.shape)
     notes: list[str] = []
     if len(shape) < 3:
@@ -106,13 +130,12 @@ def read_nifti_grid(
                 f"{path.name}: 4-D NIfTI has {extra[0]} volumes; ingest.volume_index={volume_index} is out of range"
             )
         index = (slice(None),) * 3 + (volume_index,) + (0,) * (len(shape) - 4)
-        data = img.dataobj[index]  # the proxy applies scl_slope/scl_inter
         if extra[0] > 1:
             notes.append(f"4-D: volume {volume_index} of {extra[0]}")
     else:
-        data = img.dataobj[...]
-    data = np.asarray(data, dtype=np.float32)
-    if not np.isfinite(data).all():
+        index = (slice(None),) * 3
+    data = _voxels(img, raw, index, path.name)
+    if data.dtype.kind == "f" and img.get_data_dtype().kind == "f" and not np.isfinite(data).all():
         notes.append("non-finite voxels set to 0")
         data = np.nan_to_num(data, nan=0.0, posinf=0.0, neginf=0.0)
     affine = img.affine
@@ -120,8 +143,10 @@ def read_nifti_grid(
         raise ValueError(f"{path.name}: NIfTI has no usable qform/sform affine")
     arr, ras_affine = canonical(data, affine)
     spacing = tuple(float(s) for s in np.sqrt((ras_affine[:3, :3] ** 2).sum(axis=0)))
-    positions = (ras_affine @ np.stack([np.zeros(arr.shape[2]), np.zeros(arr.shape[2]), np.arange(arr.shape[2]),
-                                        np.ones(arr.shape[2])]))[2]
+    positions = (
+        ras_affine
+        @ np.stack([np.zeros(arr.shape[2]), np.zeros(arr.shape[2]), np.arange(arr.shape[2]), np.ones(arr.shape[2])])
+    )[2]
     if not modality:
         sample = data.ravel()[:: max(1, data.size // 200_000)]
         modality = "CT" if sample.size and np.percentile(sample, 1) < -500 else "OT"
@@ -136,32 +161,23 @@ def read_nifti_grid(
     return vol, shape[:3], np.asarray(affine)  # type: ignore[return-value]
 
 
-def read_mask(path: str | Path, shape: tuple[int, ...], affine: np.ndarray) -> np.ndarray:
-    """Read an integer label map on the same grid as an image, in canonical RAS+ orientation.
+def read_mask(path: str | Path) -> np.ndarray:
+    """Read an integer label map in canonical RAS+ orientation (its own affine decides the orientation).
 
-    Args:
-        path: the mask NIfTI.
-        shape: the image's stored (non-canonical) 3-D shape.
-        affine: the image's stored affine, which the mask must share.
+    Canonicalising image and mask each with their own affine lines them up voxel for voxel whenever they share a grid,
+    whatever orientation each was stored in; the caller checks that the shapes then agree.
 
     Returns:
-        int32 [X, Y, Z] canonical, aligned voxel for voxel with the image's `Volume.array`.
+        int32 [X, Y, Z] canonical.
 
     Raises:
-        ValueError: the mask's shape or orientation differs from the image's (resample it onto the image grid first).
+        ValueError: unreadable file or not 3-D.
     """
     path = Path(path)
-    m = load_image(path)
-    mshape = tuple(int(s) for s in m.shape)
-    mshape = mshape[:3] if all(s == 1 for s in mshape[3:]) else mshape
-    if mshape != tuple(shape[:3]):
-        raise ValueError(
-            f"mask {path.name} has shape {mshape} but the image has {tuple(shape[:3])}; "
-            "the mask must be a label map on the image's voxel grid"
-        )
-    if not np.allclose(m.affine[:3, :3], affine[:3, :3], atol=1e-3):
-        raise ValueError(f"mask {path.name}: its affine differs from the image's; resample it onto the image grid")
-    data = np.asarray(m.dataobj[(slice(None),) * 3 + (0,) * (len(m.shape) - 3)])
-    arr, _ = canonical(np.rint(data).astype(np.int32), affine)
+    m, raw = _load(path)
+    shape = tuple(int(s) for s in m.shape)
+    if len(shape) < 3 or any(s > 1 for s in shape[3:]):
+        raise ValueError(f"mask {path.name} has shape {shape}; a label map must be 3-D")
+    data = _voxels(m, raw, (slice(None),) * 3 + (0,) * (len(shape) - 3), path.name)
+    arr, _ = canonical(np.rint(data).astype(np.int32), m.affine)
     return arr
-

@@ -51,7 +51,9 @@ def load_key(key_file: str | os.PathLike, *, dataset: str | os.PathLike | None =
             f.write(secrets.token_bytes(32))
     key = key_file.read_bytes()
     if len(key) < 16:
-        raise ValueError(f"key file {key_file} holds {len(key)} bytes; a key needs >= 16 (delete it to create a new one)")
+        raise ValueError(
+            f"key file {key_file} holds {len(key)} bytes; a key needs >= 16 (delete it to create a new one)"
+        )
     return key
 
 
@@ -93,8 +95,8 @@ def assign_splits(
     """Assign every patient to train/val/test, stratified by class.
 
     The rule: patients are grouped by their main class (the class of most of their slices). Within each class the
-    patients are ordered by a stable hash of (seed, pseudonymous patient key); the patient at rank ``i`` of ``n`` goes to
-    the split whose cumulative fraction interval contains ``(i + 0.5) / n``. So each class is split in the configured
+    patients are ordered by a stable hash of (seed, pseudonymous patient key); the patient at rank ``i`` of ``n`` goes
+    to the split whose cumulative fraction interval contains ``(i + 0.5) / n``. So each class is split in the configured
     proportions as far as its patient count allows (a class with one patient lands in train), the assignment depends
     only on the keys, seed and fractions, and a patient is never in two splits. Patients in `fixed` (a split from the
     manifest) keep it.
@@ -132,25 +134,36 @@ def assign_splits(
 
 # Near-duplicate grouping for 2-D sets without patients.
 
-HASH_SIDE = 16  # a 16x16 mean hash: 256 bits
+HASH_SIDE = 16  # 16x16 low-frequency DCT coefficients: 256 bits
 
 
-def mean_hash(image: np.ndarray) -> np.ndarray:
-    """256-bit perceptual mean hash of a 2-D image: area-downsample to 16x16, bit = pixel > mean.
+def perceptual_hash(image: np.ndarray) -> np.ndarray:
+    """256-bit DCT perceptual hash (pHash) of a 2-D image.
+
+    The image is area-downsampled to 64x64, transformed with a 2-D DCT, and each of the 16x16 lowest-frequency
+    coefficients (the DC term replaced by the next one) becomes a bit: above the block's median or not. Unlike a mean
+    hash, which mostly encodes the head's silhouette, this separates different slices of similar shape while leaving
+    re-encoded or rescaled copies within a few bits.
 
     Returns:
         uint64 [4] (the bits, packed).
     """
+    from scipy.fft import dctn
+
     x = np.asarray(image, dtype=np.float32)
+    side = 4 * HASH_SIDE
     h, w = x.shape
-    hs, ws = h - h % HASH_SIDE, w - w % HASH_SIDE
-    if hs >= HASH_SIDE and ws >= HASH_SIDE:
-        x = x[:hs, :ws].reshape(HASH_SIDE, hs // HASH_SIDE, HASH_SIDE, ws // HASH_SIDE).mean(axis=(1, 3))
+    if h >= side and w >= side and h % side == 0 and w % side == 0:
+        x = x.reshape(side, h // side, side, w // side).mean(axis=(1, 3))
     else:
-        rows = np.linspace(0, h - 1, HASH_SIDE).round().astype(int)
-        cols = np.linspace(0, w - 1, HASH_SIDE).round().astype(int)
-        x = x[np.ix_(rows, cols)]
-    bits = (x > x.mean()).ravel()
+        import torch
+        import torch.nn.functional as F
+
+        t = torch.from_numpy(np.ascontiguousarray(x))[None, None]
+        x = F.interpolate(t, size=(side, side), mode="bilinear", antialias=True).numpy()[0, 0]
+    coef = dctn(x.astype(np.float64), norm="ortho")[:HASH_SIDE, :HASH_SIDE].copy()
+    coef[0, 0] = coef[0, 1]
+    bits = (coef > np.median(coef)).ravel()
     return np.packbits(bits).view(">u8").astype(np.uint64)
 
 
@@ -161,14 +174,16 @@ def group_near_duplicates(hashes: np.ndarray, max_distance: int) -> np.ndarray:
     on at least one of d + 1 interleaved bit subsets, so only images sharing a bucket are compared.
 
     Args:
-        hashes: uint64 [N, 4] from `mean_hash`.
+        hashes: uint64 [N, 4] from `perceptual_hash`.
         max_distance: the largest Hamming distance that still counts as a duplicate.
 
     Returns:
         int64 [N]: the group id of each image = the smallest index in its group.
     """
-    hashes = np.asarray(hashes, dtype=np.uint64).reshape(len(hashes), -1)
     n = len(hashes)
+    if n == 0:
+        return np.zeros(0, dtype=np.int64)
+    hashes = np.asarray(hashes, dtype=np.uint64).reshape(n, -1)
     parent = np.arange(n)
 
     def find(i: int) -> int:

@@ -1,0 +1,253 @@
+"""Ingest throughput: medgan's read + normalize vs a plain MONAI pipeline, side by side, on realistic inputs.
+
+Inputs: (a) an uncompressed 512x512 int16 CT series written with pydicom, (b) the JPEG 2000 CT series from
+``../shared/data`` (when present), (c) a synthetic 512x512xN int16 ``.nii.gz``. For each: slices/s and peak memory of
+medgan (reader + `normalize_volume`) and of the baseline (MONAI ``LoadImage`` + ``Orientation`` +
+``ScaleIntensityRange`` + ``Resize`` per volume), each measured in a fresh process so peak RSS is its own. Also: the
+bare gzip decode rate (stdlib and isal), normalize + resize alone (ms/slice), and `run_ingest` with 1 vs 2 workers.
+Results are merged into ``benchmarks/results/cpu-<host>.json`` under ``"ingest"`` (other keys are kept).
+
+Usage:
+    python benchmarks/ingest.py                 # ~1-3 minutes on 2 cores
+    python benchmarks/ingest.py --quick         # small sizes: checks that it works
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import multiprocessing as mp
+import os
+import platform
+import resource
+import socket
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared" / "data"
+
+
+def write_dicom_series(folder: Path, n: int, size: int = 512) -> Path:
+    """A realistic uncompressed CT series: int16 with rescale tags, axial, 1 file per slice, shuffled names."""
+    import pydicom
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[:size, :size]
+    body = ((yy - size / 2) ** 2 / (0.4 * size) ** 2 + (xx - size / 2) ** 2 / (0.45 * size) ** 2) < 1
+    series_uid, study_uid = generate_uid(), generate_uid()
+    for k in range(n):
+        img = np.where(body, 1040 + rng.normal(0, 20, (size, size)), 24).astype(np.int16)  # stored = HU + 1024
+        meta = FileMetaDataset()
+        meta.MediaStorageSOPClassUID = CTImageStorage
+        meta.MediaStorageSOPInstanceUID = generate_uid()
+        meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds = pydicom.Dataset()
+        ds.file_meta = meta
+        ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, meta.MediaStorageSOPInstanceUID
+        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.Modality = study_uid, series_uid, "CT"
+        ds.PatientID, ds.PatientName = "BENCH", "Bench^Phantom"
+        ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+        ds.ImagePositionPatient = [-200.0, -200.0, 2.5 * k]
+        ds.PixelSpacing, ds.SliceThickness = [0.78, 0.78], 2.5
+        ds.InstanceNumber = k + 1
+        ds.Rows = ds.Columns = size
+        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
+        ds.RescaleSlope, ds.RescaleIntercept = 1, -1024
+        ds.PixelData = img.tobytes()
+        ds.save_as(folder / f"{(k * 7919) % n:04d}.dcm", enforce_file_format=True)
+    return folder
+
+
+def write_nifti(path: Path, n: int, size: int = 512) -> Path:
+    import nibabel as nib
+
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[:size, :size]
+    body = ((yy - size / 2) ** 2 / (0.4 * size) ** 2 + (xx - size / 2) ** 2 / (0.45 * size) ** 2) < 1
+    vol = np.empty((size, size, n), np.int16)
+    for k in range(n):
+        vol[:, :, k] = np.where(body, 40 + rng.normal(0, 20, (size, size)), -1000).astype(np.int16)
+    nib.save(nib.Nifti1Image(vol, np.diag([0.78, 0.78, 2.5, 1.0])), path)
+    return path
+
+
+def _medgan(kind: str, path: str) -> int:
+    from medgan.config import IngestConfig
+    from medgan.ingest import dicom
+    from medgan.ingest.nifti import read_nifti
+    from medgan.ingest.normalize import normalize_volume
+    from medgan.ingest.privacy import Pseudonymizer
+
+    cfg = IngestConfig(min_foreground_fraction=0.0)
+    if kind == "nifti":
+        vol = read_nifti(path, modality="CT")
+        return len(normalize_volume(vol, cfg).images)
+    series, _ = dicom.discover_series(Path(path))
+    return sum(len(normalize_volume(dicom.read_series(s, Pseudonymizer(b"k" * 32)), cfg).images) for s in series)
+
+
+def _monai(kind: str, path: str) -> int:
+    from monai.transforms import Compose, LoadImage, Orientation, Resize, ScaleIntensityRange
+
+    reader = "PydicomReader" if kind == "dicom" else "NibabelReader"
+    pipe = Compose(
+        [
+            LoadImage(image_only=True, ensure_channel_first=True, reader=reader),
+            Orientation(axcodes="RAS"),
+            ScaleIntensityRange(a_min=-160, a_max=240, b_min=-1, b_max=1, clip=True),
+            Resize(spatial_size=(128, 128, -1), mode="area"),
+        ]
+    )
+    return int(pipe(path).shape[-1])
+
+
+def _child(fn_name: str, kind: str, path: str, q) -> None:
+    import torch
+
+    torch.set_num_threads(1)
+    fn = {"medgan": _medgan, "monai": _monai}[fn_name]
+    import monai.transforms  # noqa: F401  (imports outside the timed region for both)
+
+    import medgan.ingest.dicom  # noqa: F401
+
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    t0 = time.perf_counter()
+    n = fn(kind, path)
+    dt = time.perf_counter() - t0
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    q.put({"slices": n, "seconds": dt, "peak_mb": round((peak - base) / 1024, 1)})
+
+
+def measure(fn_name: str, kind: str, path: Path) -> dict:
+    """Run one pipeline on one input in a fresh process; slices/s and the peak RSS it added."""
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    p = ctx.Process(target=_child, args=(fn_name, kind, str(path), q))
+    p.start()
+    res = q.get(timeout=600)
+    p.join()
+    res["slices_per_s"] = round(res["slices"] / res["seconds"], 1)
+    res["seconds"] = round(res["seconds"], 3)
+    return res
+
+
+def decode_rates(path: Path, n_slices: int) -> dict:
+    raw = path.read_bytes()
+    out = {}
+    t0 = time.perf_counter()
+    gzip.decompress(raw)
+    out["stdlib_gzip_slices_per_s"] = round(n_slices / (time.perf_counter() - t0), 1)
+    try:
+        from isal import igzip
+
+        t0 = time.perf_counter()
+        igzip.decompress(raw)
+        out["isal_slices_per_s"] = round(n_slices / (time.perf_counter() - t0), 1)
+    except ImportError:
+        pass
+    return out
+
+
+def normalize_ms_per_slice(n: int) -> float:
+    import torch
+
+    from medgan.config import IngestConfig
+    from medgan.ingest.normalize import normalize_volume
+    from medgan.ingest.volume import Volume
+
+    torch.set_num_threads(1)
+    arr = np.asfortranarray(np.random.default_rng(0).normal(0, 300, (512, 512, n)).astype(np.float32))
+    vol = Volume(arr, (0.78, 0.78, 2.5), modality="CT")
+    cfg = IngestConfig(min_foreground_fraction=0.0)
+    normalize_volume(vol, cfg)
+    t0 = time.perf_counter()
+    normalize_volume(vol, cfg)
+    return round((time.perf_counter() - t0) / n * 1000, 3)
+
+
+def workers_scaling(nii: Path, tmp: Path, copies: int) -> dict:
+    from medgan.config import load_config
+    from medgan.ingest import run_ingest
+
+    for i in range(copies):
+        link = tmp / f"copy{i}.nii.gz"
+        if not link.exists():
+            link.symlink_to(nii)
+    manifest = tmp / "m.csv"
+    manifest.write_text("source,label,modality\n" + "".join(f"copy{i}.nii.gz,ct,CT\n" for i in range(copies)))
+    out = {}
+    for w in (1, 2):
+        cfg = load_config(sets=[f"ingest.workers={w}", "ingest.min_foreground_fraction=0"])
+        t0 = time.perf_counter()
+        rep = run_ingest(cfg, tmp / f"ds{w}", manifest=manifest, key_file=tmp / "k.key", progress=False)
+        out[f"workers_{w}_slices_per_s"] = round(rep.n_slices / (time.perf_counter() - t0), 1)
+    out["speedup_2_vs_1"] = round(out["workers_2_slices_per_s"] / out["workers_1_slices_per_s"], 2)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="small sizes (a functional check, not a measurement)")
+    ap.add_argument("--dicom-slices", type=int, default=100)
+    ap.add_argument("--nifti-slices", type=int, default=200)
+    ap.add_argument("--out", type=Path, default=None, help="results JSON (default benchmarks/results/cpu-<host>.json)")
+    args = ap.parse_args()
+    n_dcm, n_nii, copies = (16, 24, 2) if args.quick else (args.dicom_slices, args.nifti_slices, 4)
+    host = "ci" if os.environ.get("CI") else socket.gethostname().split(".")[0] or "ci"
+    out_path = args.out or ROOT / "benchmarks" / "results" / f"cpu-{host}.json"
+
+    results: dict = {
+        "cpu_count": os.cpu_count(),
+        "python": platform.python_version(),
+        "quick": args.quick,
+        "inputs": {},
+    }
+    with tempfile.TemporaryDirectory() as td:
+        tmp = Path(td)
+        inputs = {
+            "dicom_uncompressed": ("dicom", write_dicom_series(tmp / "dcm", n_dcm)),
+            "nifti_gz": ("nifti", write_nifti(tmp / "vol.nii.gz", n_nii)),
+        }
+        j2k = SHARED / "dicom" / "ct_totalsegmentator_j2k_20slices" / "series"
+        if j2k.is_dir():
+            inputs["dicom_jpeg2000"] = ("dicom", j2k)
+        for name, (kind, path) in inputs.items():
+            m, b = measure("medgan", kind, path), measure("monai", kind, path)
+            row = {
+                "medgan": m,
+                "monai_baseline": b,
+                "speedup_vs_monai": round(m["slices_per_s"] / b["slices_per_s"], 2),
+            }
+            if name == "nifti_gz":
+                row["bare_decode"] = decode_rates(path, n_nii)
+                ref = row["bare_decode"].get("isal_slices_per_s") or row["bare_decode"]["stdlib_gzip_slices_per_s"]
+                row["fraction_of_bare_decode"] = round(m["slices_per_s"] / ref, 2)
+            results["inputs"][name] = row
+            print(
+                f"{name:20s} medgan {m['slices_per_s']:8.1f} slices/s ({m['peak_mb']} MB)   "
+                f"monai {b['slices_per_s']:8.1f} slices/s ({b['peak_mb']} MB)   x{row['speedup_vs_monai']}"
+            )
+        results["normalize_resize_ms_per_slice"] = normalize_ms_per_slice(min(n_nii, 64))
+        print(f"normalize + antialiased resize: {results['normalize_resize_ms_per_slice']} ms/slice/core")
+        results["workers"] = workers_scaling(inputs["nifti_gz"][1], tmp, copies)
+        print(f"run_ingest workers: {results['workers']}")
+
+    data = json.loads(out_path.read_text()) if out_path.is_file() else {}
+    data["ingest"] = results
+    from medgan.io import atomic_write_json
+
+    atomic_write_json(out_path, data)
+    print(f"wrote {out_path}")
+
+
+if __name__ == "__main__":
+    main()

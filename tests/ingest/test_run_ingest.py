@@ -1,0 +1,241 @@
+"""run_ingest end to end: manifest validation, report, splits, the same hash twice, resume, folder mode with duplicate
+grouping, and no identifier from the DICOM headers in any output byte."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import os
+import shutil
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import medgan.ingest.worker as worker
+from medgan.config import load_config
+from medgan.ingest import run_ingest
+from medgan.ingest.store import SliceDataset
+from tests.conftest import require
+
+TS = "nifti/totalsegmentator_ct_mr_with_labels"
+ORGANS = "ingest.mask_labels={'5': liver, '1': spleen, '2': kidney, '3': kidney}"
+
+
+def _cfg(*sets: str):
+    return load_config(sets=["ingest.workers=1", *sets])
+
+
+def _write_manifest(path: Path, rows: list[dict[str, str]]) -> Path:
+    cols = ["source", "label", "patient", "modality", "split", "mask"]
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=cols)
+        w.writeheader()
+        for r in rows:
+            w.writerow({c: r.get(c, "") for c in cols})
+    return path
+
+
+@pytest.fixture()
+def nifti_root(shared_data, tmp_path) -> Path:
+    root = tmp_path / "root"
+    (root / "ts").mkdir(parents=True)
+    for name in ("example_ct_sm.nii.gz", "example_seg.nii.gz", "example_mr_sm.nii.gz", "example_seg_mr.nii.gz"):
+        shutil.copy(require(shared_data / TS / name), root / "ts" / name)
+    (root / "empty").mkdir()
+    (root / "ts" / "cut.nii.gz").write_bytes((root / "ts" / "example_mr_sm.nii.gz").read_bytes()[:4000])
+    (tmp_path / "outside.nii.gz").write_bytes((root / "ts" / "example_mr_sm.nii.gz").read_bytes())
+    _write_manifest(
+        root / "manifest.csv",
+        [
+            {"source": "ts/example_ct_sm.nii.gz", "modality": "CT", "mask": "ts/example_seg.nii.gz"},
+            {"source": "ts/example_mr_sm.nii.gz", "label": "mr", "modality": "MR", "patient": "PAT-0042"},
+            {"source": "../outside.nii.gz", "label": "mr"},
+            {"source": "ts/missing.nii.gz", "label": "mr"},
+            {"source": "ts/example_mr_sm.nii.gz", "label": "mr", "split": "holdout"},
+            {"source": "empty", "label": "mr"},
+            {"source": "ts/example_ct_sm.nii.gz", "modality": "CT", "mask": "ts/example_seg_mr.nii.gz"},
+            {"source": "ts/cut.nii.gz", "label": "mr"},
+        ],
+    )
+    return root
+
+
+def _report(out: Path) -> dict[int, dict[str, str]]:
+    with open(out / "report.csv", newline="") as f:
+        return {int(r["manifest_row"]): r for r in csv.DictReader(f)}
+
+
+def test_manifest_ingest_reports_bad_rows_and_lands_the_rest(nifti_root, tmp_path):
+    out, key = tmp_path / "ds", tmp_path / "secret" / "k.key"
+    rep = run_ingest(_cfg(ORGANS), out, manifest=nifti_root / "manifest.csv", key_file=key, progress=False)
+    assert rep.n_ok == 2 and rep.n_skipped == 6 and rep.dataset_path == out
+    report = _report(out)
+    assert report[1]["status"] == "ok" and int(report[1]["n_slices"]) > 0
+    assert "escapes --root" in report[3]["reason"] and report[3]["source"] == "<outside root>"
+    assert "not found" in report[4]["reason"]
+    assert "unknown split 'holdout'" in report[5]["reason"]
+    assert "empty folder" in report[6]["reason"]
+    assert "wrong-shaped mask" in report[7]["reason"]
+    assert report[8]["status"] == "skipped" and "cut.nii.gz" in report[8]["reason"]
+    assert "escapes --root" in rep.summary() and str(out) in rep.summary()
+
+    ds = SliceDataset.open(out)
+    assert ds.classes == sorted(ds.classes) and {"liver", "mr"} <= set(ds.classes) <= {
+        "kidney",
+        "liver",
+        "mr",
+        "spleen",
+    }
+    assert ds.images.shape[1:] == (1, 128, 128) and len(ds) == rep.n_slices
+    rows = ds.table
+    assert {r["patient"] for r in rows if r["class_name"] == "mr"} == {rows[-1]["patient"]}
+    assert all(r["patient"].startswith("p-") and r["volume"].startswith("p-") for r in rows)
+    for p in {r["patient"] for r in rows}:  # patient-level split
+        assert len({r["split"] for r in rows if r["patient"] == p}) == 1
+    meta = ds.meta
+    assert meta["source_manifest_sha256"] == hashlib.sha256((nifti_root / "manifest.csv").read_bytes()).hexdigest()
+    assert meta["ingest_config"]["mask_labels"]["5"] == "liver"
+    assert "CT window abdomen W400/L40 HU" in meta["normalization"]["used"]
+    everything = b"".join(p.read_bytes() for p in out.iterdir())
+    assert str(nifti_root).encode() not in everything and b"PAT-0042" not in everything
+    assert not (tmp_path / "ds.parts").exists() and key.is_file()
+
+
+def test_same_inputs_same_hash(nifti_root, tmp_path):
+    key = tmp_path / "k.key"
+    a = run_ingest(_cfg(ORGANS), tmp_path / "a", manifest=nifti_root / "manifest.csv", key_file=key, progress=False)
+    b = run_ingest(_cfg(ORGANS), tmp_path / "b", manifest=nifti_root / "manifest.csv", key_file=key, progress=False)
+    assert a.content_hash == b.content_hash == SliceDataset.open(tmp_path / "b").content_hash
+    c = run_ingest(
+        _cfg(ORGANS, "ingest.ct_window=bone"),
+        tmp_path / "a",
+        manifest=nifti_root / "manifest.csv",
+        key_file=key,
+        progress=False,
+    )
+    assert c.content_hash != a.content_hash  # and the rerun replaced "a" in place
+
+
+def test_resume_after_interruption_does_not_redo_finished_sources(nifti_root, tmp_path, monkeypatch):
+    manifest = _write_manifest(
+        nifti_root / "two.csv",
+        [
+            {"source": "ts/example_mr_sm.nii.gz", "label": "mr", "modality": "MR"},
+            {"source": "ts/example_ct_sm.nii.gz", "label": "ct", "modality": "CT"},
+        ],
+    )
+    reads: list[str] = []
+    real = worker.read_nifti
+
+    def counting(path, **kw):
+        reads.append(Path(path).name)
+        if len(reads) == 2 and interrupt:
+            raise KeyboardInterrupt  # the user pressed Ctrl-C while the 2nd volume was being read
+        return real(path, **kw)
+
+    monkeypatch.setattr(worker, "read_nifti", counting)
+    out, key = tmp_path / "ds", tmp_path / "k.key"
+    interrupt = True
+    with pytest.raises(KeyboardInterrupt):
+        run_ingest(_cfg(), out, manifest=manifest, key_file=key, progress=False)
+    assert len(list((tmp_path / "ds.parts").glob("*.npz"))) == 1 and not out.exists()
+    interrupt, reads[:] = False, []
+    rep = run_ingest(_cfg(), out, manifest=manifest, key_file=key, progress=False)
+    assert reads == ["example_ct_sm.nii.gz"] and rep.n_reused == 1  # the finished MR volume was not read again
+    clean = run_ingest(_cfg(), tmp_path / "clean", manifest=manifest, key_file=key, progress=False)
+    assert rep.content_hash == clean.content_hash
+    assert not (tmp_path / "ds.parts").exists()  # parts are removed once the dataset is complete
+    # Interrupt again, then touch the finished file: its part is stale and is redone.
+    interrupt, reads[:] = True, []
+    with pytest.raises(KeyboardInterrupt):
+        run_ingest(_cfg(), tmp_path / "again", manifest=manifest, key_file=key, progress=False)
+    os.utime(nifti_root / "ts/example_mr_sm.nii.gz", ns=(1_000_000_000, 1_000_000_000))
+    interrupt, reads[:] = False, []
+    rep = run_ingest(_cfg(), tmp_path / "again", manifest=manifest, key_file=key, progress=False)
+    assert reads == ["example_mr_sm.nii.gz", "example_ct_sm.nii.gz"] and rep.n_reused == 0
+
+
+def test_folder_of_classes_keeps_duplicates_in_one_split(shared_data, tmp_path):
+    brain = require(shared_data / "labelled_2d/brain_tumor_mri/Training")
+    folder = tmp_path / "classes"
+    for cls in ("notumor", "pituitary"):
+        (folder / cls).mkdir(parents=True)
+        for f in sorted((brain / cls).glob("*.jpg"))[:12]:
+            shutil.copy(f, folder / cls / f.name)
+    src = sorted((brain / "notumor").glob("*.jpg"))[0]
+    for i in range(3):  # exact copies and a brightened copy of one image
+        shutil.copy(src, folder / "notumor" / f"zz_copy{i}.jpg")
+    img = np.asarray(Image.open(src).convert("L"), dtype=np.float32)
+    Image.fromarray(np.clip(img * 0.8 + 20, 0, 255).astype(np.uint8)).save(folder / "notumor" / "zz_bright.png")
+    (folder / "pituitary" / "broken.jpg").write_bytes(b"\xff\xd8\xff garbage")
+    (folder / "emptyclass").mkdir()
+    cfg = _cfg("ingest.workers=2", "ingest.images_per_part=8", "ingest.split_fractions=[0.4,0.3,0.3]")
+    rep = run_ingest(cfg, tmp_path / "ds", folder=folder, key_file=tmp_path / "k.key", progress=False)
+    ds = SliceDataset.open(tmp_path / "ds")
+    assert ds.classes == ["notumor", "pituitary"] and len(ds) == 28
+    report = {r["source"]: r for r in rep.report}
+    assert (
+        report["pituitary/broken.jpg"]["status"] == "skipped"
+        and "broken.jpg" in report["pituitary/broken.jpg"]["reason"]
+    )
+    assert report["emptyclass"]["reason"] == "empty class folder"
+    by_source = {r["source"]: r for r in rep.report}
+    assert set(by_source) >= {f"notumor/zz_copy{i}.jpg" for i in range(3)}
+    # Rows follow report order (ok rows only), so map slices back to their files.
+    ok_sources = [r["source"] for r in rep.report if r["status"] == "ok"]
+    patient = dict(zip(ok_sources, ds.column("patient"), strict=True))
+    split = dict(zip(ok_sources, ds.column("split"), strict=True))
+    dup_names = ["notumor/" + src.name, *[f"notumor/zz_copy{i}.jpg" for i in range(3)], "notumor/zz_bright.png"]
+    assert len({patient[n] for n in dup_names}) == 1 and len({split[n] for n in dup_names}) == 1
+    splits_per_patient = defaultdict(set)
+    for r in ds.table:
+        splits_per_patient[r["patient"]].add(r["split"])
+    assert all(len(s) == 1 for s in splits_per_patient.values())
+    assert len(set(ds.column("split"))) >= 2
+
+
+def test_decubitus_dicom_leaves_no_identifier_in_any_output(shared_data, tmp_path):
+    pydicom = pytest.importorskip("pydicom")
+    base = require(shared_data / "dicom/mr_decubitus_t1_4positions")
+    if not (Path(worker.__file__).parent / "dicom.py").exists():
+        pytest.skip("medgan.ingest.dicom not available yet")
+    positions = sorted(p.name for p in base.iterdir() if p.is_dir())
+    manifest = _write_manifest(tmp_path / "m.csv", [{"source": p, "label": "brain"} for p in positions])
+    rep = run_ingest(_cfg(), tmp_path / "ds", manifest=manifest, root=base, key_file=tmp_path / "k.key", progress=False)
+    assert rep.n_ok == 4, rep.summary()
+    first = sorted((base / positions[0]).glob("*.dcm"))[0]
+    hdr = pydicom.dcmread(first, stop_before_pixels=True)
+    secrets = {b"stc_test", b"STC_TEST", b"crlab", str(hdr.PatientName).encode(), str(hdr.PatientID).encode()}
+    for kw in ("PatientBirthDate", "AccessionNumber", "StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"):
+        if str(hdr.get(kw, "")).strip():
+            secrets.add(str(hdr.get(kw)).encode())
+    secrets.discard(b"")
+    # This volunteer's PatientName is "HFS", which is also in the folder names the manifest chose; paths may appear.
+    secrets = {x for x in secrets if not any(x.decode().lower() in p.lower() for p in positions)}
+    assert b"crlab" in secrets and len(secrets) >= 5
+    blobs = [p.read_bytes() for p in (tmp_path / "ds").iterdir()] + [rep.summary().encode()]
+    for s in secrets:
+        assert not any(s.lower() in b.lower() for b in blobs), f"identifier {s!r} leaked"
+    ds = SliceDataset.open(tmp_path / "ds")
+    assert len(set(ds.column("patient"))) == 1  # one volunteer, one pseudonymous patient, one split
+    assert len(set(ds.column("volume"))) == 4
+
+
+def test_dicom_tag_mapping_labels_series(shared_data, tmp_path):
+    if not (Path(worker.__file__).parent / "dicom.py").exists():
+        pytest.skip("medgan.ingest.dicom not available yet")
+    kits = require(shared_data / "dicom/ct_tcia_kits00072_18slices")
+    j2k = require(shared_data / "dicom/ct_totalsegmentator_j2k_20slices/series")
+    manifest = _write_manifest(tmp_path / "m.csv", [{"source": "kits"}, {"source": "j2k"}])
+    (tmp_path / "kits").symlink_to(kits)
+    (tmp_path / "j2k").symlink_to(j2k)
+    cfg = _cfg("ingest.dicom_label_tag=SeriesDescription", "ingest.dicom_label_map={arterial: arterial_ct}")
+    rep = run_ingest(cfg, tmp_path / "ds", manifest=manifest, key_file=tmp_path / "k.key", progress=False)
+    ds = SliceDataset.open(tmp_path / "ds")
+    assert ds.classes == ["arterial_ct"] and rep.report[0]["status"] == "ok"
+    # The other series' description is not in the map: skipped with the rule named.
+    assert rep.report[1]["status"] == "skipped" and "dicom_label_map" in rep.report[1]["reason"]
+    assert {r["modality"] for r in ds.table} == {"CT"}
