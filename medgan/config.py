@@ -109,6 +109,7 @@ class EvalConfig:
     diversity_pairs: int = 50  # random same-class pairs per class for within-class MS-SSIM
     kid_subsets: int = 50  # random subsets averaged by KID (subset size = min(1000, both set sizes))
     n_figure_pairs: int = 8  # closest synthetic/train pairs shown in nearest_pairs.png
+    classifier_min_steps: int = 200  # small datasets: every classifier trains at least this many steps
 
 
 @dataclass

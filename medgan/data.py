@@ -18,7 +18,8 @@ _MIX = 0x9E3779B97F4A7C15  # golden-ratio constant to spread seeds
 
 def step_seed(seed: int, rank: int, images_seen: int, stream: int = 0) -> int:
     """A 63-bit seed from (seed, rank, images seen, stream): every step's randomness is reproducible from counters."""
-    h = (seed * _MIX + rank * 0x632BE59BD9B4E019 + images_seen * 0x8CB92BA72F3D8DD7 + stream * 0xD6E8FEB86659FD93) % (1 << 64)
+    h = seed * _MIX + rank * 0x632BE59BD9B4E019 + images_seen * 0x8CB92BA72F3D8DD7 + stream * 0xD6E8FEB86659FD93
+    h %= 1 << 64
     h ^= h >> 31
     return (h * 0xBF58476D1CE4E5B9 % (1 << 64)) >> 1
 

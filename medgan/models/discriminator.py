@@ -1,4 +1,4 @@
-"""Channel-reduced feature-map discriminator: image -> 64x64 stem -> 1x1 reduction -> strided blocks -> projection logit.
+"""Channel-reduced feature-map discriminator: image -> 64x64 stem -> 1x1 reduction -> strided blocks -> projection.
 
 The 1x1 reduction is the fix for a known failure: a conditional D fed 64-channel 64x64 feature maps with small batches
 overfits within a few epochs (D loss ~1e-4, 100% accuracy, G loss past 5-10). Reducing 64 -> 32 channels before the
@@ -56,7 +56,8 @@ class Discriminator(nn.Module):
 
     def stem_features(self, x: torch.Tensor) -> torch.Tensor:
         """The stem's feature map, [B, width, 64, 64]."""
-        assert x.ndim == 4 and x.shape[1:] == (1, RESOLUTION, RESOLUTION), f"D expects [B, 1, 128, 128], got {tuple(x.shape)}"
+        shape = (1, RESOLUTION, RESOLUTION)
+        assert x.ndim == 4 and x.shape[1:] == shape, f"D expects [B, 1, 128, 128], got {tuple(x.shape)}"
         return self.stem(x)  # (B, w, 64, 64)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:

@@ -47,7 +47,9 @@ class UpBlock(nn.Module):
 
 
 class Generator(nn.Module):
-    def __init__(self, num_classes: int, z_dim: int = 128, width: int = 64, max_channels: int = 1024, embed_dim: int = 128):
+    def __init__(
+        self, num_classes: int, z_dim: int = 128, width: int = 64, max_channels: int = 1024, embed_dim: int = 128
+    ):
         super().__init__()
         self.num_classes, self.z_dim = num_classes, z_dim
         # Channels per resolution: width * 16 at 4x4 halving to `width` at 64x64 (DCGAN-128 widths at width=64).
@@ -127,7 +129,8 @@ class LoadedGenerator:
         G: the EMA generator, eval mode, on the CPU.
         classes: class names, index = label.
         model_cfg: the ModelConfig it was built from.
-        info: provenance: ``model_uri``, ``name``, ``version``, ``run_id``, ``dataset_hash``, ``checkpoint`` (those known).
+        info: provenance: ``model_uri``, ``name``, ``version``, ``run_id``, ``dataset_hash``, ``checkpoint``
+            (those known).
     """
 
     def __init__(self, G: Generator, classes: list[str], model_cfg: ModelConfig, info: dict | None = None):
@@ -144,5 +147,7 @@ class LoadedGenerator:
         except (TypeError, ValueError):
             i = -1
         if not 0 <= i < len(self.classes):
-            raise ValueError(f"unknown class {name_or_index!r}; this generator knows {self.classes} (or 0..{len(self.classes) - 1})")
+            raise ValueError(
+                f"unknown class {name_or_index!r}; this generator knows {self.classes} (or 0..{len(self.classes) - 1})"
+            )
         return i

@@ -1,7 +1,7 @@
-"""Differentiable augmentation for small medical datasets: DiffAugment (Zhao 2020) ops gated by an ADA-style p (Karras 2020).
+"""Differentiable augmentation for small datasets: DiffAugment (Zhao 2020) ops gated by an ADA-style p (Karras 2020).
 
-Every op is differentiable, so G gets gradients through augmented fakes, and D only ever sees augmented images (reals and
-fakes alike), which keeps it from memorising a small training set. Ops suit grayscale slices: brightness, contrast,
+Every op is differentiable, so G gets gradients through augmented fakes, and D only ever sees augmented images (reals
+and fakes alike), which keeps it from memorising a small training set. Ops suit grayscale slices: brightness, contrast,
 translation by up to 1/8 of the side and a cutout of half the side; empty regions are filled with black (-1).
 """
 
@@ -16,33 +16,43 @@ MODES = ("diffaug", "ada", "none")
 class Augment:
     """Augmentation state: the probability p (a device tensor, so adapting it never syncs the host) and its controller.
 
-    `mode`: diffaug = every op on every image (p = 1); ada = each op applied per image with probability p, where p follows
-    r_t = E[sign(D(real))] toward `target`; none = identity.
+    `mode`: diffaug = every op on every image (p = 1); ada = each op applied per image with probability p, where p
+    follows r_t = E[sign(D(real))] toward `target`; none = identity.
     """
 
-    def __init__(self, mode: str, target: float, speed_kimg: float, device: torch.device):
+    def __init__(self, mode: str, target: float, speed_kimg: float, interval: int, device: torch.device):
         if mode not in MODES:
             raise ValueError(f"train.augment={mode!r} is not supported; use one of {MODES}")
-        self.mode, self.target, self.speed_kimg = mode, target, speed_kimg
+        self.mode, self.target, self.speed_kimg, self.interval = mode, target, speed_kimg, max(1, interval)
         self.p = torch.tensor(1.0 if mode == "diffaug" else 0.0, device=device)
+        self.acc = torch.zeros((), device=device)  # sum of E[sign(D(real))] since the last adjustment
+        self.n = 0  # D steps accumulated in `acc`
 
     def __call__(self, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         if self.mode == "none":
             return x
         return augment(x, self.p, gen)
 
-    def adjust(self, sign_real_mean: torch.Tensor, n_images: int) -> None:
-        # ADA (Karras 2020, sec. 3): move p by n/(speed) per adjustment in the direction of r_t - target.
+    def observe(self, real_logits: torch.Tensor, batch_size: int, reduce=lambda t: t) -> None:
+        """Accumulate r_t and, every `interval` D steps, move p toward the target (ADA, Karras 2020 sec. 3)."""
         if self.mode != "ada":
             return
-        step = n_images / (self.speed_kimg * 1000.0)
-        self.p = (self.p + torch.sign(sign_real_mean - self.target) * step).clamp(0.0, 1.0)
+        self.acc = self.acc + torch.sign(real_logits.detach().float()).mean()
+        self.n += 1
+        if self.n < self.interval:
+            return
+        r_t = reduce(self.acc / self.n)  # averaged over DDP ranks so every rank keeps the same p
+        step = batch_size * self.n / (self.speed_kimg * 1000.0)
+        self.p = (self.p + torch.sign(r_t - self.target) * step).clamp(0.0, 1.0)
+        self.acc, self.n = torch.zeros_like(self.acc), 0
 
     def state_dict(self) -> dict[str, float]:
-        return {"p": float(self.p)}
+        return {"p": float(self.p), "acc": float(self.acc), "n": self.n}
 
     def load_state_dict(self, state: dict[str, float]) -> None:
         self.p = torch.tensor(float(state["p"]), device=self.p.device)
+        self.acc = torch.tensor(float(state["acc"]), device=self.p.device)
+        self.n = int(state["n"])
 
 
 def augment(x: torch.Tensor, p: torch.Tensor, gen: torch.Generator) -> torch.Tensor:

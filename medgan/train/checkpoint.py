@@ -47,7 +47,7 @@ def load(path: str | Path) -> dict[str, Any]:
     except Exception as e:  # a truncated or foreign file
         raise ValueError(f"{path} is not a readable medgan checkpoint ({e})") from e
     if not isinstance(state, dict) or "G_ema" not in state or "config" not in state:
-        raise ValueError(f"{path} is not a medgan checkpoint (no G_ema/config); pass a ckpt-*.pt written by medgan train")
+        raise ValueError(f"{path} is not a medgan checkpoint (no G_ema/config); pass a ckpt-*.pt of medgan train")
     return state
 
 

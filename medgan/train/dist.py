@@ -1,8 +1,9 @@
 """Device, precision and DDP, decided once: the loop asks `Env` and never branches on hardware itself.
 
-bf16 autocast on CUDA and on CPUs with native bf16 (measured ~1.7x on an AVX512-BF16 CPU), fp32 otherwise; channels_last;
-torch.compile on CUDA only (slower on CPU). DDP follows torchrun: its RANK/WORLD_SIZE/LOCAL_RANK variables are the one
-environment read here (library code otherwise never reads the environment); gloo on CPU, NCCL on GPU. Gradients are
+bf16 autocast on CUDA and on CPUs with native bf16 (measured ~1.7x on an AVX512-BF16 CPU), fp32 otherwise;
+channels_last; torch.compile on CUDA only (slower on CPU). DDP follows torchrun: its RANK/WORLD_SIZE/LOCAL_RANK
+variables are the one environment read here (library code otherwise never reads the environment); gloo on CPU, NCCL
+on GPU. Gradients are
 all-reduced by hand after each backward (as stylegan2-ada does), so D can be frozen during the G step without DDP's
 unused-parameter bookkeeping.
 """
@@ -44,7 +45,8 @@ class Env:
         return torch.autocast(device_type=self.device.type, dtype=self.dtype)
 
     def describe(self) -> str:
-        ddp = f", DDP {self.world_size} x {'nccl' if self.device.type == 'cuda' else 'gloo'}" if self.world_size > 1 else ""
+        backend = "nccl" if self.device.type == "cuda" else "gloo"
+        ddp = f", DDP {self.world_size} x {backend}" if self.world_size > 1 else ""
         return f"{self.device} {self.precision}{', compiled' if self.compile else ''}{ddp}"
 
 

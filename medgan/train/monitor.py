@@ -49,6 +49,7 @@ class Monitor:
         self.streaks = {"d_overpowering": 0, "mode_collapse": 0}
         self.alarms: list[str] = []
         self.fired: set[str] = set()
+        self.best_ratio = 0.0  # highest diversity ratio seen so far
 
     @torch.no_grad()
     def record_d(self, loss_d: torch.Tensor, real: torch.Tensor, fake: torch.Tensor) -> None:
@@ -85,7 +86,7 @@ class Monitor:
         """Raise NonFiniteError when any metric is NaN/inf."""
         bad = sorted(k for k, v in metrics.items() if not math.isfinite(v))
         if bad:
-            keep = f"the last good checkpoint is {last_checkpoint}" if last_checkpoint else "no checkpoint was written yet"
+            keep = f"the last good checkpoint is {last_checkpoint}" if last_checkpoint else "no checkpoint was written"
             raise NonFiniteError(
                 f"training diverged at {kimg:.3f} kimg: {', '.join(bad)} became NaN/inf; stopped, {keep}. "
                 "Resume from it with a lower train.lr_d/train.lr_g, train.precision=fp32 or a larger train.r1_gamma."
@@ -100,7 +101,8 @@ class Monitor:
 
     def check_overpowering(self, metrics: dict[str, float], kimg: float) -> dict[str, float]:
         """Update the overpowering streak; returns {"alarm/d_overpowering": 0|1}."""
-        symptom = metrics["loss/d"] < self.d_loss_floor or min(metrics["d/acc_real"], metrics["d/acc_fake"]) >= self.d_acc_ceiling
+        acc = min(metrics["d/acc_real"], metrics["d/acc_fake"])
+        symptom = metrics["loss/d"] < self.d_loss_floor or acc >= self.d_acc_ceiling
         msg = (
             f"discriminator overpowering at {kimg:.3f} kimg: loss/d={metrics['loss/d']:.2e}, "
             f"acc real/fake={metrics['d/acc_real']:.2f}/{metrics['d/acc_fake']:.2f} for {self.patience} log intervals; "
@@ -109,8 +111,10 @@ class Monitor:
         )
         return {"alarm/d_overpowering": self._streak("d_overpowering", symptom, msg)}
 
-    def check_collapse(self, samples: np.ndarray, labels: np.ndarray, real_diversity: np.ndarray, kimg: float) -> dict[str, float]:
-        """Within-class diversity of fixed-noise samples relative to real images; returns the ratio and the alarm flag."""
+    def check_collapse(
+        self, samples: np.ndarray, labels: np.ndarray, real_diversity: np.ndarray, kimg: float
+    ) -> dict[str, float]:
+        """Within-class diversity of fixed-noise samples relative to real ones; returns the ratio and alarm flag."""
         ratios = []
         for c, ref in enumerate(real_diversity):
             fake = samples[labels == c]
@@ -121,15 +125,24 @@ class Monitor:
             f"mode collapse at {kimg:.3f} kimg: within-class diversity of fixed-noise samples is {ratio:.3f} x that of "
             "real images; try train.augment=ada, a lower train.lr_g or more train.d_steps."
         )
-        flag = self._streak("mode_collapse", ratio < self.collapse_ratio, msg)
+        # Collapse is a fall: a freshly initialised G also has low diversity, so only count it once diversity existed.
+        self.best_ratio = max(self.best_ratio, ratio)
+        falling = ratio < self.collapse_ratio and self.best_ratio >= 2 * self.collapse_ratio
+        flag = self._streak("mode_collapse", falling, msg)
         return {"health/diversity_ratio": ratio, "alarm/mode_collapse": flag}
 
     def state_dict(self) -> dict:
-        return {"streaks": dict(self.streaks), "alarms": list(self.alarms), "fired": sorted(self.fired)}
+        return {
+            "streaks": dict(self.streaks),
+            "alarms": list(self.alarms),
+            "fired": sorted(self.fired),
+            "best_ratio": self.best_ratio,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         self.streaks.update(state["streaks"])
         self.alarms, self.fired = list(state["alarms"]), set(state["fired"])
+        self.best_ratio = float(state["best_ratio"])
 
 
 def diversity(images: np.ndarray) -> float:

@@ -1,0 +1,1 @@
+"""Training: the loop, losses, augmentation, checkpoints, device/DDP setup and the health watch."""
