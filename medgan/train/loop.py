@@ -133,7 +133,8 @@ def train(cfg: Config, data: Path, *, out_dir: Path, resume: str | None, preset:
     fixed_seeds = np.tile(np.arange(t.samples_per_class), nc)
     real_div = np.array([diversity(feeder.images[feeder.labels == c][:16].float().cpu().numpy()) for c in range(nc)])
 
-    tracker = make_tracker(cfg, ds, run_name, env.rank)
+    # A resumed run continues its MLflow run, so its metric curves stay one line in the UI.
+    tracker = make_tracker(cfg, ds, run_name, env.rank, resume_run_id=(state or {}).get("run_id"))
     tracker.log_params(
         {
             **flatten(cfg),
