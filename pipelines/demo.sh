@@ -23,7 +23,7 @@ export MEDGAN_KEY_FILE=${MEDGAN_KEY_FILE:-"$WORK/.medgan/pseudonym.key"}
 
 # 3. Offline evaluation with the promotion gate (a smoke-size generator is expected to fail the gates).
 "$MEDGAN" evaluate --model models:/medgan-sample@candidate --data datasets/sample \
-  --config "$REPO/configs/eval/smoke.yaml" --promote || echo "demo: the candidate did not pass the gates (expected at smoke size)"
+  --config "$REPO/configs/eval/quick.yaml" --promote || echo "demo: the candidate did not pass the gates (expected at smoke size)"
 
 # 4. Export a synthetic dataset from the registry, then show the registered model.
 "$MEDGAN" export --model models:/medgan-sample@candidate --n-per-class 16 --format png --out synthetic/sample --force

@@ -1,0 +1,215 @@
+"""The evaluation report folder: ``metrics.json``, ``report.md`` and figures, written atomically.
+
+``metrics.json`` holds the flat metrics (what MLflow logs), the gates, the sample counts and the details (per-class
+values, domain-network provenance, the closest pairs); ``report.md`` is the same as tables a reviewer can read;
+``samples.png`` shows synthetic next to real images per class; ``nearest_pairs.png`` shows the synthetic images closest
+to a training image next to that image.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from medgan.io import atomic_write_json, atomic_write_text
+from medgan.viz import image_grid, save_png
+
+# (metric, synthetic key, real floor key, how to read it, count key)
+TABLE: list[tuple[str, str, str | None, str, str]] = [
+    (
+        "Frechet distance (domain features)",
+        "fd",
+        "fd_real_floor",
+        "lower is better; floor = real held-out vs train",
+        "n_eval",
+    ),
+    (
+        "KID (x1000)",
+        "kid_x1000",
+        "kid_real_floor_x1000",
+        "lower is better; unbiased, ~0 for matching sets",
+        "kid_subset_size",
+    ),
+    ("Precision (k=3)", "precision", "precision_real_floor", "fidelity: fakes inside the real manifold", "n_eval"),
+    ("Recall (k=3)", "recall", "recall_real_floor", "coverage: reals inside the fake manifold", "n_eval"),
+    ("Density (k=5)", "density", "density_real_floor", "~1 for matching sets", "n_eval"),
+    ("Coverage (k=5)", "coverage", "coverage_real_floor", "fraction of reals with a fake nearby", "n_eval"),
+    (
+        "Class fidelity",
+        "class_fidelity",
+        "domain_test_accuracy",
+        "domain classifier recognises the asked class",
+        "n_synthetic",
+    ),
+    (
+        "Within-class MS-SSIM",
+        "ms_ssim_synthetic",
+        "ms_ssim_real",
+        "lower = more diverse; near 1 = collapse",
+        "ms_ssim_pairs",
+    ),
+    (
+        "Near-copy fraction (pixel)",
+        "near_copy_fraction",
+        "near_copy_fraction_real",
+        "NN-to-train < ratio x median test NN; reference: real val images",
+        "n_synthetic",
+    ),
+    (
+        "Near-copy fraction (features)",
+        "near_copy_fraction_features",
+        None,
+        "same test in domain-feature space",
+        "n_synthetic",
+    ),
+    (
+        "NN distance ratio (pixel)",
+        "nn_distance_ratio",
+        None,
+        "median synthetic / median test NN-to-train; < 1 = closer",
+        "n_test",
+    ),
+]
+
+
+def _fmt(v: Any) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        if math.isnan(v):
+            return "n/a"
+        return f"{v:.4g}"
+    return str(v)
+
+
+def sample_figure(
+    synthetic: np.ndarray,
+    synthetic_labels: np.ndarray,
+    real: np.ndarray,
+    real_labels: np.ndarray,
+    num_classes: int,
+    per_class: int = 8,
+) -> np.ndarray:
+    """One row per class: `per_class` synthetic images, then `per_class` real train images, evenly spaced (uint8)."""
+    tiles = []
+    blank = np.full((1, *synthetic.shape[1:]), -1.0, dtype=np.float32)
+    for c in range(num_classes):
+        for images, labels in ((synthetic, synthetic_labels), (real, real_labels)):
+            idx = np.flatnonzero(labels == c)
+            # Evenly spaced through the class, not the first rows (neighbouring rows are often one volume's slices).
+            idx = idx[np.unique(np.linspace(0, len(idx) - 1, per_class).astype(int))] if len(idx) else idx
+            chosen = np.asarray(images[idx], dtype=np.float32)
+            pad = [blank] * (per_class - len(chosen))
+            tiles.append(np.concatenate([chosen, *pad]) if pad else chosen)
+    return image_grid(np.concatenate(tiles), ncol=2 * per_class)
+
+
+def pairs_figure(
+    synthetic: np.ndarray, train: np.ndarray, pairs: Sequence[tuple[int, int]], per_row: int = 4
+) -> np.ndarray:
+    """Closest pairs side by side: (synthetic, nearest train image), `per_row` pairs per row (uint8 grid)."""
+    tiles = [np.asarray(x, dtype=np.float32) for s, t in pairs for x in (synthetic[s], train[t])]
+    return image_grid(np.stack(tiles), ncol=2 * per_row)
+
+
+def markdown(title: str, metrics: dict[str, float], gates: list[Any], details: dict[str, Any]) -> str:
+    """The human-readable report: headline table with counts, utility, per-class values, gates."""
+    m = metrics
+    lines = [f"# {title}", ""]
+    lines += [
+        f"Synthetic images: {int(m['n_synthetic'])} ({details['n_per_class_text']}); real train {int(m['n_train'])}, "
+        f"held-out (val+test) {int(m['n_heldout'])}, test {int(m['n_test'])}. Distribution metrics use "
+        f"{int(m['n_eval'])} samples per side (synthetic vs a train subsample; the floor compares real held-out images "
+        "with the same train subsample). Features: the 128-d penultimate layer of the domain CNN trained on the real "
+        f"train split (validation accuracy {_fmt(m['domain_val_accuracy'])} on {int(m['n_val'])} images, test accuracy "
+        f"{_fmt(m['domain_test_accuracy'])}).",
+        "",
+        "| metric | synthetic | real reference | n | reading |",
+        "|---|---|---|---|---|",
+    ]
+    for name, key, floor, reading, count in TABLE:
+        lines.append(
+            f"| {name} | {_fmt(m.get(key))} | {_fmt(m.get(floor)) if floor else '-'} | {_fmt(int(m[count]))} "
+            f"| {reading} |"
+        )
+    lines += [
+        "",
+        f"## Utility (classifier recipe: {details['classifier_recipe']}; {int(m['classifier_steps'])} steps each)",
+        "",
+        "| trained on -> tested on real test | accuracy | balanced accuracy | macro AUC | n train | n test |",
+        "|---|---|---|---|---|---|",
+        f"| synthetic (TSTR) | {_fmt(m['tstr_accuracy'])} | {_fmt(m['tstr_balanced_accuracy'])} "
+        f"| {_fmt(m['tstr_macro_auc'])} "
+        f"| {int(m['n_synthetic'])} | {int(m['n_test'])} |",
+        f"| real train (TRTR) | {_fmt(m['trtr_accuracy'])} | {_fmt(m['trtr_balanced_accuracy'])} "
+        f"| {_fmt(m['trtr_macro_auc'])} "
+        f"| {int(m['n_train'])} | {int(m['n_test'])} |",
+        "",
+        f"TSTR/TRTR balanced-accuracy ratio: **{_fmt(m['tstr_trtr_ratio'])}**.",
+        "",
+        "## Per class",
+        "",
+        "| class | class fidelity | MS-SSIM synthetic | MS-SSIM real | near copies (pixel) |",
+        "|---|---|---|---|---|",
+    ]
+    for row in details["per_class"]:
+        lines.append(
+            f"| {row['class']} | {_fmt(row['class_fidelity'])} | {_fmt(row['ms_ssim_synthetic'])} | "
+            f"{_fmt(row['ms_ssim_real'])} | {row['near_copies']} |"
+        )
+    mem = details["memorization"]
+    lines += [
+        "",
+        "## Memorization",
+        "",
+        f"Pixel space: L2 between images area-averaged to {mem['pixel_side']} px. Near copy: nearest-train distance "
+        f"below {mem['ratio']} x the median test-to-train nearest distance ({_fmt(mem['test_median_pixel'])}), i.e. "
+        f"below {_fmt(mem['threshold_pixel'])}. Median synthetic nearest-train distance: "
+        f"{_fmt(mem['synthetic_median_pixel'])}. "
+        "`nearest_pairs.png`: the closest synthetic images (left of each pair) next to their nearest training image.",
+        "",
+        "## Gates",
+        "",
+        "| gate | value | rule | result |",
+        "|---|---|---|---|",
+    ]
+    for g in gates:
+        lines.append(f"| {g.name} | {_fmt(g.value)} | {g.op} {g.threshold:g} | {'pass' if g.passed else 'FAIL'} |")
+    lines += ["", "Figures: `samples.png` (per class row: 8 synthetic, then 8 real train), `nearest_pairs.png`.", ""]
+    for note in details.get("notes", []):
+        lines.append(f"- {note}")
+    return "\n".join(lines) + "\n"
+
+
+def _finite(obj: Any) -> Any:
+    """NaN/inf -> None, so metrics.json is strict JSON."""
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    if isinstance(obj, (float, np.floating)) and not math.isfinite(float(obj)):
+        return None
+    return obj
+
+
+def write_report(
+    out_dir: Path,
+    title: str,
+    metrics: dict[str, float],
+    gates: list[Any],
+    details: dict[str, Any],
+    figures: dict[str, np.ndarray],
+) -> Path:
+    """Write metrics.json, report.md and the figure PNGs into `out_dir` (created if needed); returns `out_dir`."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for name, image in figures.items():
+        save_png(image, out_dir / name)
+    payload = _finite({"title": title, "metrics": metrics, "gates": [g.as_dict() for g in gates], "details": details})
+    atomic_write_json(out_dir / "metrics.json", payload)
+    atomic_write_text(out_dir / "report.md", markdown(title, metrics, gates, details))
+    return out_dir
