@@ -25,7 +25,7 @@ DRIVER = textwrap.dedent(
         import medgan.tracking as tracking
     except ImportError:
         tracking = sys.modules["medgan.tracking"] = types.ModuleType("medgan.tracking")
-    tracking.make_tracker = lambda cfg, ds, name, rank=0: RecordingTracker()
+    tracking.make_tracker = lambda cfg, ds, name, rank=0, **kw: RecordingTracker()
     from medgan.train.loop import train
     cfg = tiny_config(total_kimg=0.064)
     cfg.train.log_every_kimg = 0.032
