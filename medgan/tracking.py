@@ -287,7 +287,12 @@ def _build_loaded(weights: Path, config: Path, info: dict[str, Any]) -> Any:
     model_cfg = _model_config(meta["model"])
     G = Generator.from_config(model_cfg, len(meta["classes"]))
     G.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
-    info = {"dataset_hash": meta.get("dataset_hash"), **{k: v for k, v in info.items() if v is not None}}
+    info = {
+        "dataset_hash": meta.get("dataset_hash"),
+        "spacing_mm": meta.get("spacing_mm"),
+        "modality": meta.get("modality", ""),
+        **{k: v for k, v in info.items() if v is not None},
+    }
     return LoadedGenerator(G, meta["classes"], model_cfg, info)
 
 
@@ -392,6 +397,7 @@ class Tracker:
         self._down = False  # inside an outage (warned once; a success ends it)
         self._finished = False
         self._params: dict[str, str] = {}  # logged so far: MLflow rejects a changed value for a logged key
+        self.geometry: dict[str, Any] = {}  # the training data's spacing_mm / modality, stored with the model
 
     def _safe(self, what: str, fn: Callable[[], Any]) -> Any:
         """Run one logging call; on error warn (once per outage), skip calls for a while, and return None."""
@@ -490,6 +496,7 @@ class Tracker:
             "dataset_hash": dataset_hash,
             "resolution": 128,
             "medgan_version": __version__,
+            **self.geometry,
         }
         import pandas as pd
 
@@ -602,6 +609,7 @@ def make_tracker(
             monitor.start()
     model_name = cfg.track.registered_model or f"medgan-{name}"
     tracker = Tracker(uri, run.info.experiment_id, run.info.run_id, model_name, monitor)
+    tracker.geometry = dataset.geometry()  # spacing/modality travel with the registered model (exports state them)
     tracker._params = dict(run.data.params)
     params = flatten(cfg)
     params.update(

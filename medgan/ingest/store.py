@@ -201,6 +201,15 @@ class SliceDataset:
     def column(self, name: str) -> list[str]:
         return [r[name] for r in self.table]
 
+    def geometry(self) -> dict[str, Any]:
+        """The typical in-plane ``spacing_mm`` (median over slices, None if unknown) and the most common ``modality``."""
+        spacing = [float(v) for v in self.column("spacing_mm") if v not in ("", None)]
+        modalities = Counter(m for m in self.column("modality") if m)
+        return {
+            "spacing_mm": float(np.median(spacing)) if spacing else None,
+            "modality": modalities.most_common(1)[0][0] if modalities else "",
+        }
+
     def indices(self, split: str | None = None) -> np.ndarray:
         """Row indices of one split (all rows when `split` is None)."""
         if split is None:

@@ -105,5 +105,10 @@ def load_generator(path: str | Path) -> LoadedGenerator:
     cfg = from_dict(state["config"])
     G = Generator.from_config(cfg.model, len(state["classes"]))
     G.load_state_dict(state["G_ema"])
-    info = {"checkpoint": str(path), "dataset_hash": state["dataset_hash"], "run_id": state.get("run_id")}
+    info = {
+        "checkpoint": str(path),
+        "dataset_hash": state["dataset_hash"],
+        "run_id": state.get("run_id"),
+        **state.get("geometry", {}),
+    }
     return LoadedGenerator(G.eval().requires_grad_(False), state["classes"], cfg.model, info)

@@ -88,6 +88,7 @@ def train(cfg: Config, data: Path, *, out_dir: Path, resume: str | None, preset:
     env = dist.setup(t)
     ds = SliceDataset.open(data)
     classes, nc = ds.classes, len(ds.classes)
+    geometry = ds.geometry()  # spacing_mm / modality: exports state them in NIfTI affines and DICOM headers
     if t.batch_size % env.world_size:
         raise ValueError(f"train.batch_size={t.batch_size} must be divisible by the {env.world_size} DDP processes")
     b = t.batch_size // env.world_size  # batch per rank
@@ -163,7 +164,7 @@ def train(cfg: Config, data: Path, *, out_dir: Path, resume: str | None, preset:
             "augment": aug.state_dict(), "monitor": mon.state_dict(),
             "images_seen": images_seen, "d_step": d_step, "rng": {"torch": torch.get_rng_state()},
             "config": to_dict(cfg), "classes": classes, "dataset_hash": ds.content_hash,
-            "run_name": run_name, "run_id": tracker.run_id, "metrics": dict(metrics),
+            "run_name": run_name, "run_id": tracker.run_id, "metrics": dict(metrics), "geometry": geometry,
         }  # fmt: skip
         return checkpoint.save(run_dir / checkpoint.checkpoint_name(images_seen), state)
 

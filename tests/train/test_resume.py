@@ -65,7 +65,13 @@ def test_checkpoint_contents_and_loader(halves, tmp_path, tracker):
     assert state["config"]["model"]["width"] == 8 and state["classes"] == ["left", "right"]
     loaded = checkpoint.load_generator(result.run_dir)
     assert not loaded.G.training and next(loaded.G.parameters()).device.type == "cpu"
-    assert loaded.info == {"checkpoint": str(result.checkpoint), "dataset_hash": state["dataset_hash"], "run_id": None}
+    assert loaded.info == {
+        "checkpoint": str(result.checkpoint),
+        "dataset_hash": state["dataset_hash"],
+        "run_id": None,
+        "spacing_mm": 1.0,  # the training data's geometry travels with the generator (exports state it)
+        "modality": "MR",
+    }
     bad = tmp_path / "ckpt-000000001.pt"
     bad.write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match="not a readable medgan checkpoint"):
