@@ -67,10 +67,16 @@ def main() -> None:
 @main.command()
 @click.argument("folder", required=False, type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--manifest", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="CSV of sources.")
-@click.option("--root", type=click.Path(path_type=Path), default=None, help="Folder the manifest's paths are relative to.")
+@click.option(
+    "--root", type=click.Path(path_type=Path), default=None, help="Folder the manifest's paths are relative to."
+)
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Dataset folder to write.")
-@click.option("--key-file", type=click.Path(path_type=Path), default=None,
-              help="Pseudonymisation key (created if missing). Default: $MEDGAN_KEY_FILE or ~/.medgan/pseudonym.key.")
+@click.option(
+    "--key-file",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Pseudonymisation key (created if missing). Default: $MEDGAN_KEY_FILE or ~/.medgan/pseudonym.key.",
+)
 @click.option("--workers", type=int, default=None, help="Processes over volumes (default: all cores).")
 @click.option("--strict", is_flag=True, help="Exit non-zero if any source is skipped.")
 @config_options
@@ -104,8 +110,12 @@ def ingest(folder, manifest, root, out, key_file, workers, strict, config_files,
 
 @main.command()
 @click.argument("dataset", type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.option("--sheet", type=click.Path(path_type=Path), default=None,
-              help="Contact sheet PNG to write (default: DATASET/contact_sheet.png).")
+@click.option(
+    "--sheet",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Contact sheet PNG to write (default: DATASET/contact_sheet.png).",
+)
 @click.option("--per-class", type=int, default=8, show_default=True, help="Slices per class on the sheet.")
 def info(dataset, sheet, per_class) -> None:
     """Print a dataset's counts per split and class and write a contact sheet PNG."""
@@ -123,10 +133,17 @@ def info(dataset, sheet, per_class) -> None:
 
 @main.command()
 @click.option("--data", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.option("--out", type=click.Path(path_type=Path), default=Path("runs"), show_default=True,
-              help="Folder for run directories (checkpoints, samples).")
+@click.option(
+    "--out",
+    type=click.Path(path_type=Path),
+    default=Path("runs"),
+    show_default=True,
+    help="Folder for run directories (checkpoints, samples).",
+)
 @click.option("--resume", "resume", default=None, help="A run directory or checkpoint file to continue exactly.")
-@click.option("--tracking-uri", default=None, help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else ./mlflow.db).")
+@click.option(
+    "--tracking-uri", default=None, help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else ./mlflow.db)."
+)
 @click.option("--no-track", is_flag=True, help="Run without MLflow (null tracker).")
 @config_options
 def train(data, out, resume, tracking_uri, no_track, config_files, sets, dry_run) -> None:
@@ -148,8 +165,12 @@ def train(data, out, resume, tracking_uri, no_track, config_files, sets, dry_run
 
 
 @main.command()
-@click.option("--model", "model_ref", required=True,
-              help="models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN_ID, or a checkpoint file.")
+@click.option(
+    "--model",
+    "model_ref",
+    required=True,
+    help="models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN_ID, or a checkpoint file.",
+)
 @click.option("--data", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--n-per-class", type=int, default=None, help="Synthetic images per class (default eval.n_per_class).")
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="Report folder (default: reports/<name>).")
@@ -176,8 +197,12 @@ def evaluate(model_ref, data, n_per_class, out, promote, tracking_uri, config_fi
 
 
 @main.command()
-@click.option("--model", "model_ref", required=True,
-              help="models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN_ID, or a checkpoint file.")
+@click.option(
+    "--model",
+    "model_ref",
+    required=True,
+    help="models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN_ID, or a checkpoint file.",
+)
 @click.option("--out", required=True, type=click.Path(path_type=Path))
 @click.option("--n-per-class", type=int, default=None)
 @click.option("--format", "fmt", type=click.Choice(["png", "npy", "nifti", "dicom"]), default=None)
@@ -219,7 +244,9 @@ def models_list(tracking_uri) -> None:
     from medgan import tracking
 
     try:
-        click.echo(tracking.describe_models(tracking.resolve_uri(tracking_uri or os.environ.get("MLFLOW_TRACKING_URI"))))
+        click.echo(
+            tracking.describe_models(tracking.resolve_uri(tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")))
+        )
     except (ValueError, RuntimeError) as e:
         _fail(e)
 
@@ -232,7 +259,9 @@ def models_show(name, tracking_uri) -> None:
     from medgan import tracking
 
     try:
-        click.echo(tracking.describe_model(tracking.resolve_uri(tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")), name))
+        click.echo(
+            tracking.describe_model(tracking.resolve_uri(tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")), name)
+        )
     except (ValueError, RuntimeError) as e:
         _fail(e)
 

@@ -12,8 +12,15 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_set_coerces_types_and_none():
-    cfg = load_config(sets=["train.batch_size=64", "model.d_reduce_channels=none", "train.betas=[0.0, 0.99]",
-                            "track.register=false", "train.compile=true"])
+    cfg = load_config(
+        sets=[
+            "train.batch_size=64",
+            "model.d_reduce_channels=none",
+            "train.betas=[0.0, 0.99]",
+            "track.register=false",
+            "train.compile=true",
+        ]
+    )
     assert cfg.train.batch_size == 64
     assert cfg.model.d_reduce_channels is None
     assert cfg.train.betas == [0.0, 0.99]

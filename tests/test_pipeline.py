@@ -87,10 +87,34 @@ def test_no_volunteer_identifier_in_anything_written(tmp_path, shared_data):
     manifest.write_text("source,label,patient,modality,split\n" + "\n".join(rows) + "\n")
     _run([MEDGAN, "ingest", "--manifest", str(manifest), "--root", str(src), "--out", "datasets/decub"], tmp_path)
     _run([MEDGAN, "info", "datasets/decub"], tmp_path)
-    _run([MEDGAN, "train", "--data", "datasets/decub", "--config", str(ROOT / "configs/train/cpu_smoke.yaml"),
-          "--set", "train.total_kimg=0.064"], tmp_path)
-    _run([MEDGAN, "export", "--model", "models:/medgan-decub@candidate", "--n-per-class", "2", "--format", "dicom",
-          "--out", "synthetic/decub"], tmp_path)
+    _run(
+        [
+            MEDGAN,
+            "train",
+            "--data",
+            "datasets/decub",
+            "--config",
+            str(ROOT / "configs/train/cpu_smoke.yaml"),
+            "--set",
+            "train.total_kimg=0.064",
+        ],
+        tmp_path,
+    )
+    _run(
+        [
+            MEDGAN,
+            "export",
+            "--model",
+            "models:/medgan-decub@candidate",
+            "--n-per-class",
+            "2",
+            "--format",
+            "dicom",
+            "--out",
+            "synthetic/decub",
+        ],
+        tmp_path,
+    )
 
     leaks = []
     for p in tmp_path.rglob("*"):

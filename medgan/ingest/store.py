@@ -164,9 +164,11 @@ class SliceDataset:
         """
         path = Path(path)
         if not (path / "dataset.json").is_file():
-            hint = f" ({path}.partial exists: the ingest was interrupted; rerun it to resume)" if Path(
-                f"{path}.partial"
-            ).exists() else ""
+            hint = (
+                f" ({path}.partial exists: the ingest was interrupted; rerun it to resume)"
+                if Path(f"{path}.partial").exists()
+                else ""
+            )
             raise FileNotFoundError(f"{path} is not a medgan dataset: dataset.json missing{hint}")
         meta = read_json(path / "dataset.json")
         if meta.get("schema") != SCHEMA:
@@ -202,7 +204,7 @@ class SliceDataset:
         return [r[name] for r in self.table]
 
     def geometry(self) -> dict[str, Any]:
-        """The typical in-plane ``spacing_mm`` (median over slices, None if unknown) and the most common ``modality``."""
+        """Typical in-plane ``spacing_mm`` (median over slices; None if unknown) and the most common ``modality``."""
         spacing = [float(v) for v in self.column("spacing_mm") if v not in ("", None)]
         modalities = Counter(m for m in self.column("modality") if m)
         return {
