@@ -15,8 +15,8 @@ class Volume:
         array: float32 [X, Y, Z] in physical units (HU for CT after the modality LUT), in canonical RAS+ orientation
             (nibabel's ``as_closest_canonical``): index along axis 0 increases toward the patient's Right, axis 1 toward
             Anterior, axis 2 toward Superior. A 2-D image without patient geometry (radiograph, secondary capture,
-            PNG) is [columns, rows, 1] with both axes reversed relative to storage order, so the normalizer's display flip
-            (the one that turns an axial RAS slice into radiological view) shows it exactly as stored.
+            PNG) is [columns, rows, 1] with both axes reversed relative to storage order, so the normalizer's display
+            flip (the one that turns an axial RAS slice into radiological view) shows it exactly as stored.
         spacing_mm: voxel size along the three array axes.
         modality: "CT", "MR", "XR", ... ("OT" when unknown).
         patient: keyed pseudonym of the patient (never a clear identifier).
