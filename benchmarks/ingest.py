@@ -5,7 +5,7 @@ Inputs: (a) an uncompressed 512x512 int16 CT series written with pydicom, (b) th
 medgan (reader + `normalize_volume`) and of the baseline (MONAI ``LoadImage`` + ``Orientation`` +
 ``ScaleIntensityRange`` + ``Resize`` per volume), each measured in a fresh process so peak RSS is its own. Also: the
 bare gzip decode rate (stdlib and isal), normalize + resize alone (ms/slice), and `run_ingest` with 1 vs 2 workers.
-Results are merged into ``benchmarks/results/cpu-<host>.json`` under ``"ingest"`` (other keys are kept).
+Results are merged into ``benchmarks/results/cpu.json`` under ``"ingest"`` (other keys are kept).
 
 Usage:
     python benchmarks/ingest.py                 # ~1-3 minutes on 2 cores
@@ -199,14 +199,14 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="small sizes (a functional check, not a measurement)")
     ap.add_argument("--dicom-slices", type=int, default=100)
     ap.add_argument("--nifti-slices", type=int, default=200)
-    ap.add_argument("--out", type=Path, default=None, help="results JSON (default benchmarks/results/cpu-<host>.json)")
+    ap.add_argument("--out", type=Path, default=None, help="results JSON (default benchmarks/results/cpu.json)")
     args = ap.parse_args()
     n_dcm, n_nii, copies = (16, 24, 2) if args.quick else (args.dicom_slices, args.nifti_slices, 4)
-    host = "ci" if os.environ.get("CI") else socket.gethostname().split(".")[0] or "ci"
-    out_path = args.out or ROOT / "benchmarks" / "results" / f"cpu-{host}.json"
+    out_path = args.out or ROOT / "benchmarks" / "results" / "cpu.json"
 
     results: dict = {
         "cpu_count": os.cpu_count(),
+        "host": socket.gethostname().split(".")[0],
         "python": platform.python_version(),
         "quick": args.quick,
         "inputs": {},
