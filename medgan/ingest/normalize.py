@@ -180,6 +180,15 @@ def mask_classes(mask: torch.Tensor, cfg: IngestConfig) -> list[str | None]:
     return out
 
 
+def _tensor(a: np.ndarray) -> torch.Tensor:
+    """float32 tensor over `a`, copying only when needed.
+
+    np.ascontiguousarray keeps degenerate negative strides (size-1 axes of a flipped view), which torch rejects.
+    """
+    a = np.ascontiguousarray(a, dtype=np.float32)
+    return torch.from_numpy(a if min(a.strides, default=0) >= 0 else a.copy())
+
+
 def normalize_volume(volume: Volume, cfg: IngestConfig, *, window: str = "", mask: np.ndarray | None = None) -> Slices:
     """Turn a canonical volume into kept 128x128 slices in [-1, 1].
 
@@ -236,7 +245,7 @@ def normalize_volume(volume: Volume, cfg: IngestConfig, *, window: str = "", mas
     kept_classes: list[str] = []
     with torch.inference_mode():
         for start in range(0, n, CHUNK_SLICES):
-            chunk = torch.from_numpy(np.ascontiguousarray(stack[start : start + CHUNK_SLICES], dtype=np.float32))
+            chunk = _tensor(stack[start : start + CHUNK_SLICES])
             chunk = resize(chunk.unsqueeze(1), (h, w))  # [k, 1, h, w], physical units
             chunk = window_to_unit(chunk, *win) if win is not None else range_to_unit(chunk, lo, hi)
             chunk = chunk.flip(dims=flips) if flips else chunk
@@ -245,7 +254,7 @@ def normalize_volume(volume: Volume, cfg: IngestConfig, *, window: str = "", mas
             keep = (fg >= cfg.min_foreground_fraction).tolist()
             classes: list[str | None] = [None] * len(keep)
             if mstack is not None:
-                m = torch.from_numpy(np.ascontiguousarray(mstack[start : start + CHUNK_SLICES], dtype=np.float32))
+                m = _tensor(mstack[start : start + CHUNK_SLICES])
                 m = resize(m.unsqueeze(1), (h, w), "nearest").flip(dims=(2, 3))
                 m = pad_square(m, res, 0.0).round().to(torch.int32)
                 classes = mask_classes(m, cfg)
@@ -274,7 +283,7 @@ def normalize_image2d(image: np.ndarray, cfg: IngestConfig) -> tuple[np.ndarray,
     (``cfg.mr_percentiles``); the aspect ratio is kept by padding with -1 to a square.
     """
     res = int(cfg.resolution)
-    x = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None, None]
+    x = _tensor(image)[None, None]
     with torch.inference_mode():
         h, w, _ = fit_size(image.shape[0], image.shape[1], 1.0, 1.0, res)
         x = resize(x, (h, w))

@@ -176,26 +176,29 @@ def process_source(src: Source, cfg: IngestConfig, pseudonym: Callable[[str], st
         else:
             mask = read_mask(src.mask) if src.mask is not None else None
             for vol, label in _volumes(src, cfg, pseudonym, notes):
-                if mask is not None and mask.shape != vol.array.shape:
-                    raise ValueError(
-                        f"wrong-shaped mask: {tuple(mask.shape)} vs image {tuple(vol.array.shape)} "
-                        "(after canonical orientation); the mask must share the image's voxel grid"
-                    )
-                sl = normalize_volume(vol, cfg, window=src.window, mask=mask)
-                keep = [
-                    i for i, c in enumerate(sl.classes or [label] * len(sl.slice_index)) if not allowed or c in allowed
-                ]
-                if len(keep) < len(sl.slice_index):
-                    notes.append(f"{len(sl.slice_index) - len(keep)} slice(s) with classes outside ingest.classes")
-                    sl.images, sl.slice_index = sl.images[keep], [sl.slice_index[i] for i in keep]
-                    sl.position_mm = [sl.position_mm[i] for i in keep]
-                    sl.classes = [sl.classes[i] for i in keep] if sl.classes is not None else None
-                notes.extend(vol.notes)
-                if len(sl.slice_index) < sl.n_total:
-                    notes.append(f"{len(sl.slice_index)}/{sl.n_total} slices kept")
-                images.append(sl.images)
-                rows.extend(_slice_rows(src, vol, sl, label))
-                used.add(sl.normalization)
+                try:  # one bad series (or a mask that does not fit it) does not sink the others
+                    if mask is not None and mask.shape != vol.array.shape:
+                        raise ValueError(
+                            f"wrong-shaped mask: {tuple(mask.shape)} vs image {tuple(vol.array.shape)} "
+                            "(after canonical orientation); the mask must share the image's voxel grid"
+                        )
+                    sl = normalize_volume(vol, cfg, window=src.window, mask=mask)
+                    names = sl.classes or [label] * len(sl.slice_index)
+                    keep = [i for i, c in enumerate(names) if not allowed or c in allowed]
+                    if len(keep) < len(sl.slice_index):
+                        notes.append(f"{len(sl.slice_index) - len(keep)} slice(s) with classes outside ingest.classes")
+                        sl.images, sl.slice_index = sl.images[keep], [sl.slice_index[i] for i in keep]
+                        sl.position_mm = [sl.position_mm[i] for i in keep]
+                        sl.classes = [sl.classes[i] for i in keep] if sl.classes is not None else None
+                    notes.extend(vol.notes)
+                    if len(sl.slice_index) < sl.n_total:
+                        notes.append(f"{len(sl.slice_index)}/{sl.n_total} slices kept")
+                    images.append(sl.images)
+                    rows.extend(_slice_rows(src, vol, sl, label))
+                    used.add(sl.normalization)
+                except Exception as e:
+                    notes.append(f"a series was skipped: {_reason(e, src, root)}")
+
         if not rows and notes:
             raise ValueError("no usable slices: " + "; ".join(dict.fromkeys(notes)))
         if not rows:

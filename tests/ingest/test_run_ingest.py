@@ -239,3 +239,16 @@ def test_dicom_tag_mapping_labels_series(shared_data, tmp_path):
     # The other series' description is not in the map: skipped with the rule named.
     assert rep.report[1]["status"] == "skipped" and "dicom_label_map" in rep.report[1]["reason"]
     assert {r["modality"] for r in ds.table} == {"CT"}
+
+
+def test_folder_of_odd_dicom_objects_lands_every_readable_image(shared_data, tmp_path):
+    # Radiographs (MONOCHROME1, J2K), LUT-scaled and multi-frame objects, a truncated file and a bad sequence, all in one
+    # folder source: each image is its own series; the unreadable ones are noted and the rest lands.
+    root = require(shared_data / "dicom" / "odd")
+    manifest = _write_manifest(tmp_path / "m.csv", [{"source": "pydicom_data_selection", "label": "odd"}])
+    report = run_ingest(_cfg(), tmp_path / "odd", manifest=manifest, root=root, key_file=tmp_path / "k")
+    row = _report(tmp_path / "odd")[1]
+    assert row["status"] == "ok", row
+    volumes = set(SliceDataset.open(tmp_path / "odd").column("volume"))
+    assert report.n_slices >= 40 and len(volumes) >= 8
+    assert "not used" in row["reason"]  # the truncated file is reported, not silently dropped
