@@ -18,6 +18,17 @@ def shared_data() -> Path:
     return SHARED_DATA
 
 
+@pytest.fixture(autouse=True, scope="session")
+def one_torch_thread():
+    """One intra-op thread: at these tiny sizes two threads on a shared 2-core machine fight instead of helping."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def require(path: Path) -> Path:
     """Skip the calling test when a real-data file or folder is missing."""
     if not path.exists():

@@ -60,15 +60,6 @@ def make_cfg(fmt: str, n: int = N_PER_CLASS, **export) -> Config:
     return cfg
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # The CI machine is shared: one intra-op thread is faster than two fighting for cores at these tiny sizes.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def loaded() -> LoadedGenerator:
     return tiny_loaded()

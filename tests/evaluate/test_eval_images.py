@@ -26,15 +26,6 @@ def real(tmp_path_factory) -> SliceDataset:
     return SliceDataset.open(make_dataset(root / "ds", {"train": 40, "val": 10, "test": 20}))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # The CPU is shared: one thread per process beats oversubscribed intra-op parallelism here.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture
 def cfg() -> Config:
     return load_config(

@@ -242,8 +242,8 @@ def test_dicom_tag_mapping_labels_series(shared_data, tmp_path):
 
 
 def test_folder_of_odd_dicom_objects_lands_every_readable_image(shared_data, tmp_path):
-    # Radiographs (MONOCHROME1, J2K), LUT-scaled and multi-frame objects, a truncated file and a bad sequence, all in one
-    # folder source: each image is its own series; the unreadable ones are noted and the rest lands.
+    # Radiographs (MONOCHROME1, J2K), LUT-scaled and multi-frame objects, a truncated file and a bad sequence, all in
+    # one folder source: each image is its own series; the unreadable ones are noted and the rest lands.
     root = require(shared_data / "dicom" / "odd")
     manifest = _write_manifest(tmp_path / "m.csv", [{"source": "pydicom_data_selection", "label": "odd"}])
     report = run_ingest(_cfg(), tmp_path / "odd", manifest=manifest, root=root, key_file=tmp_path / "k")

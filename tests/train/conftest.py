@@ -7,7 +7,6 @@ import types
 from pathlib import Path
 
 import pytest
-import torch
 from train_helpers import RecordingTracker, halves_dataset
 
 
@@ -22,14 +21,6 @@ def tracker(monkeypatch) -> RecordingTracker:
             monkeypatch.setitem(sys.modules, "medgan.tracking", types.ModuleType("medgan.tracking"))
     monkeypatch.setattr(sys.modules["medgan.tracking"], "make_tracker", lambda *a, **k: rec, raising=False)
     return rec
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="session")
