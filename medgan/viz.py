@@ -46,3 +46,41 @@ def save_png(image: np.ndarray, path: str | Path) -> Path:
     from medgan.io import atomic_write_bytes
 
     return atomic_write_bytes(path, png_bytes(image))
+
+
+def health_figure(history: list[dict[str, float]], path: str | Path) -> Path:
+    """The run's health at a glance: losses, D's probabilities and accuracies, r_t and augmentation p against kimg.
+
+    Args:
+        history: one dict per log interval with ``kimg`` and the training metrics (``loss/d``, ``d/acc_real``, ...).
+        path: the PNG to write.
+
+    Returns:
+        The written path.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    kimg = [h["kimg"] for h in history]
+    panels = [
+        ("losses", ("loss/d", "loss/g")),
+        ("D(x) as probabilities", ("d/prob_real", "d/prob_fake")),
+        ("D accuracy (overpowering when both -> 1)", ("d/acc_real", "d/acc_fake")),
+        ("overfitting heuristic r_t and augmentation p", ("d/r_t", "aug/p")),
+    ]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.2), constrained_layout=True)
+    for ax, (title, keys) in zip(axes, panels, strict=True):
+        for k in keys:
+            ax.plot(kimg, [h.get(k, float("nan")) for h in history], label=k)
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("kimg")
+        ax.legend(fontsize=8)
+    axes[0].set_yscale("log")  # D loss collapsing toward 1e-4 is the classic failure: show it on a log axis
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    plt.close(fig)
+    from medgan.io import atomic_write_bytes
+
+    return atomic_write_bytes(path, buf.getvalue())

@@ -24,7 +24,7 @@ from medgan.models.generator import Generator, generate
 from medgan.train import checkpoint, dist, losses
 from medgan.train.augment import Augment
 from medgan.train.monitor import Monitor, NonFiniteError, diversity
-from medgan.viz import image_grid, save_png
+from medgan.viz import health_figure, image_grid, save_png
 
 
 @dataclass
@@ -153,6 +153,7 @@ def train(cfg: Config, data: Path, *, out_dir: Path, resume: str | None, preset:
     next_log, next_sample, next_ckpt = (_next(images_seen, e) for e in (log_every, sample_every, ckpt_every))
     last_ckpt = checkpoint.latest(run_dir) if env.is_main and run_dir.is_dir() else None
     metrics: dict[str, float] = {}
+    history: list[dict[str, float]] = []  # one row per log interval, for the end-of-run health figure
     grad_g = grad_d = torch.zeros((), device=device)
     bar = tqdm(total=total, initial=min(images_seen, total), unit="img", disable=not (env.is_main and t.progress))
     tick_time, tick_images = time.perf_counter(), images_seen
@@ -246,6 +247,7 @@ def train(cfg: Config, data: Path, *, out_dir: Path, resume: str | None, preset:
                 n_alarms = len(mon.alarms)
                 metrics.update(mon.check_overpowering(metrics, images_seen / 1000))
                 tracker.log_metrics(metrics, step=images_seen)
+                history.append({"kimg": images_seen / 1000, **metrics})
                 bar.set_postfix_str(
                     f"kimg {images_seen / 1000:.1f} {metrics['perf/img_per_s']:.0f} img/s "
                     f"D {metrics['loss/d']:.3f} G {metrics['loss/g']:.3f} p {metrics['aug/p']:.2f}"
@@ -282,8 +284,10 @@ def train(cfg: Config, data: Path, *, out_dir: Path, resume: str | None, preset:
                 next_ckpt = _next(images_seen, ckpt_every)
         bar.close()
 
-        # The end: register the EMA generator, close the run.
+        # The end: a health figure, register the EMA generator, close the run.
         model_uri = None
+        if env.is_main and history:
+            tracker.log_artifact(health_figure(history, run_dir / "health.png"))
         if env.is_main and cfg.track.register:
             model_uri = tracker.register_generator(G_ema, cfg, classes, ds.content_hash, metrics)
         tracker.finish("FINISHED")

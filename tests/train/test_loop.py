@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 from train_helpers import tiny_config
 
@@ -38,3 +40,5 @@ def test_generator_learns_the_classes(halves, tmp_path, tracker):
     assert ("samples/left", 2000, (132, 4 * 130 + 2)) in tracker.images
     assert tracker.params["model.d_reduce_channels"] == "4" and tracker.finished == "FINISHED"
     assert result.alarms == [] and "halves-test-" in result.summary()
+    health = result.run_dir / "health.png"  # the end-of-run loss/health figure, logged as an artifact
+    assert health.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and health in [Path(p) for p in tracker.artifacts]

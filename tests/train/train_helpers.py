@@ -58,6 +58,7 @@ class RecordingTracker:
         self.tags: dict[str, str] = {}
         self.params: dict[str, str] = {}
         self.finished: str | None = None
+        self.artifacts: list[str] = []
 
     def log_params(self, params):
         self.params.update(params)
@@ -69,7 +70,7 @@ class RecordingTracker:
         self.images.append((name, step, image.shape))
 
     def log_artifact(self, path, artifact_path=None):
-        pass
+        self.artifacts.append(str(path))
 
     def set_tags(self, tags):
         self.tags.update(tags)
