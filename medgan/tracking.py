@@ -868,3 +868,38 @@ def describe_model(uri: str, name: str) -> str:
     for mv in versions:
         out += _version_lines(mv, aliases)
     return "\n".join(out)
+
+
+def experiment_runs(uri: str, experiment: str, metrics: tuple[str, ...]) -> list[dict[str, Any]]:
+    """Runs of one experiment, oldest first, with their params and the full history of some metrics.
+
+    Args:
+        uri: the tracking URI.
+        experiment: the experiment name.
+        metrics: metric keys whose histories to fetch, e.g. ``("loss/d", "d/acc_real")``.
+
+    Returns:
+        ``[{"run_id", "run_name", "status", "params": {...}, "history": {key: [(step, value), ...]}}]``.
+
+    Raises:
+        ValueError: the experiment does not exist (the message lists the ones that do).
+    """
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        names = sorted(e.name for e in client.search_experiments())
+        raise ValueError(f"no experiment {experiment!r} in {_redact(uri)}; experiments: {names}")
+    runs = client.search_runs([exp.experiment_id], order_by=["attributes.start_time ASC"], max_results=1000)
+    return [
+        {
+            "run_id": r.info.run_id,
+            "run_name": r.info.run_name,
+            "status": r.info.status,
+            "params": dict(r.data.params),
+            "history": {
+                k: [(m.step, m.value) for m in client.get_metric_history(r.info.run_id, _metric_key(k))]
+                for k in metrics
+            },
+        }
+        for r in runs
+    ]

@@ -108,6 +108,16 @@ def test_metrics_have_steps(store):
     assert [(m.step, m.value) for m in sorted(history, key=lambda m: m.step)] == [(64, 0.9), (128, 0.7)]
 
 
+def test_experiment_runs_gives_params_and_histories(store):
+    exp = store["client"].get_experiment(store["tracker"].experiment_id).name
+    runs = tracking.experiment_runs(store["uri"], exp, ("loss/d", "loss/g"))
+    (run,) = [r for r in runs if r["run_id"] == store["tracker"].run_id]
+    assert run["run_name"] == "tiny-cpu-0001" and run["params"]["model.d_reduce_channels"] == "16"
+    assert sorted(run["history"]["loss/g"]) == [(64, 1.8), (128, 1.4)]
+    with pytest.raises(ValueError, match="no experiment 'nope'"):
+        tracking.experiment_runs(store["uri"], "nope", ("loss/d",))
+
+
 def test_images_logged_with_steps(store):
     files = [f.path for f in store["client"].list_artifacts(store["tracker"].run_id, "images")]
     steps = sorted({int(f.split("+step+")[1].split("+")[0]) for f in files if f.endswith(".png")})
