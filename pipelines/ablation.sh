@@ -5,7 +5,8 @@
 #   c) batch 32, 64 -> 32 reduction      (medgan's default)
 #   d) batch 32, 64 -> 16 reduction      (a stronger squeeze)
 # All runs land in one MLflow experiment (medgan-ablation-<dataset>): compare them in the UI.
-# Usage: pipelines/ablation.sh DATASET [KIMG]. Cost: 4 x KIMG of training (default 20 kimg: ~4 x 6 min on 2 CPU cores).
+# Usage: pipelines/ablation.sh DATASET [KIMG]. Cost: 4 x KIMG of training (6 kimg: ~4 x 3-7 min on 2 CPU cores) plus
+# ~1 min of quick evaluation per run; then a Markdown table of D health and quality per run.
 set -euo pipefail
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 DATASET=${1:?usage: pipelines/ablation.sh DATASET [KIMG]}
@@ -19,3 +20,10 @@ common=(--data "$DATASET" --config "$RECIPE" --set "train.total_kimg=$KIMG" --se
 "$MEDGAN" train "${common[@]}" --set train.batch_size=32 --set model.d_reduce_channels=none
 "$MEDGAN" train "${common[@]}" --set train.batch_size=32 --set model.d_reduce_channels=32
 "$MEDGAN" train "${common[@]}" --set train.batch_size=32 --set model.d_reduce_channels=16
+
+# Quality of each arm's final generator, then one table (D loss/accuracy, alarms, FD, fidelity, TSTR/TRTR, copies).
+for run in $(ls -d runs/"$NAME"-ablation-*/); do
+  "$MEDGAN" evaluate --model "$run" --data "$DATASET" --out "reports/ablation/$(basename "$run")" \
+    --config "$REPO/configs/eval/quick.yaml" --set eval.n_per_class=100 --set track.enabled=false || true
+done
+"$REPO/.venv/bin/python" "$REPO/scripts/ablation_report.py" --experiment "medgan-ablation-$NAME" --reports reports/ablation

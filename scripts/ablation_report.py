@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 
 from medgan.tracking import experiment_runs, resolve_uri
@@ -42,7 +43,7 @@ def _find(metrics: dict, key: str) -> float | None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--tracking-uri", default="")
+    ap.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI", ""))
     ap.add_argument("--experiment", required=True)
     ap.add_argument("--reports", type=Path, default=None, help="folder with <run name>/metrics.json per run")
     args = ap.parse_args()
