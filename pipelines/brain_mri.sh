@@ -2,7 +2,7 @@
 # The 4-class brain MRI set (../shared/data/labelled_2d/brain_tumor_mri/Training, 5,708 JPEG slices in class folders:
 # glioma, meningioma, notumor, pituitary) through ingest -> train -> evaluate -> export.
 # Cost: ingest ~1 min; training with configs/train/gpu.yaml ~15-25 min on one H100; on CPU the fallback recipe
-# (configs/train/cpu_brain.yaml, fewer kimg, narrower nets) takes ~40 min on 2 cores; evaluate ~5 min on CPU.
+# (configs/train/cpu_brain.yaml, 120 kimg, narrower nets) takes ~30 min on 2 cores; evaluate ~5-10 min on CPU.
 set -euo pipefail
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 WORK=${MEDGAN_WORKDIR:-$REPO}
