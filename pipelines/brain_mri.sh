@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The 4-class brain MRI set (../shared/data/labelled_2d/brain_tumor_mri/Training, 5,708 JPEG slices in class folders:
 # glioma, meningioma, notumor, pituitary) through ingest -> train -> evaluate -> export.
-# Cost: ingest ~1 min; training with configs/train/gpu.yaml ~15-25 min on one H100; on CPU the fallback recipe
+# Cost: ingest ~20 s; training with configs/train/gpu.yaml is not yet timed on a GPU (none was available); on CPU the fallback recipe
 # (configs/train/cpu_brain.yaml, 120 kimg, narrower nets) takes ~30 min on 2 cores; evaluate ~5-10 min on CPU.
 set -euo pipefail
 REPO=$(cd "$(dirname "$0")/.." && pwd)

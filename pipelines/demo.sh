@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The README's main job: the bundled real CT sample (data/sample, 5.4 MB) through
 #   ingest -> info -> train -> register -> evaluate -> export, all on CPU.
-# Cost: about 3-6 minutes on 2 CPU cores at smoke size, plus ~3 minutes of setup on a fresh machine.
+# Cost: about 1.5-2 minutes on 2 CPU cores at smoke size (measured in CI), plus ~1.5 minutes of setup on a fresh machine.
 # Outputs (under $MEDGAN_WORKDIR, default the repo root): datasets/sample, runs/, mlflow.db + mlartifacts/,
 # reports/, synthetic/sample. Set MEDGAN_SKIP_SETUP=1 to reuse an existing .venv.
 set -euo pipefail
