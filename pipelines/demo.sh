@@ -21,7 +21,9 @@ export MEDGAN_KEY_FILE=${MEDGAN_KEY_FILE:-"$WORK/.medgan/pseudonym.key"}
 # 2. A smoke-size training run: logged to MLflow, the EMA generator registered as medgan-sample@candidate.
 "$MEDGAN" train --data datasets/sample --config "$REPO/configs/train/cpu_smoke.yaml"
 
-# 3. Offline evaluation with the promotion gate (a smoke-size generator is expected to fail the gates).
+# 3. Offline evaluation with the promotion gate (a smoke-size generator is expected to fail the gates). The sample has two
+#    patients (train: the NIfTI CT; test: the DICOM series, liver slices only, no val split), so its numbers are a smoke
+#    check of the machinery, not a measurement: see the README's brain MRI results for that.
 "$MEDGAN" evaluate --model models:/medgan-sample@candidate --data datasets/sample \
   --config "$REPO/configs/eval/quick.yaml" --promote || echo "demo: the candidate did not pass the gates (expected at smoke size)"
 
