@@ -49,6 +49,8 @@ CANDIDATE = "candidate"
 MODEL_NAME = "generator"  # name of the logged model inside the run
 PIP_REQUIREMENTS = ["mlflow>=3.0,<4", "torch>=2.4", "numpy>=1.26", "pandas>=2.0", "PyYAML>=6.0"]
 HEADLINE_METRICS = ("loss/d", "loss/g", "d/r_t", "aug/p", "perf/img_per_s")  # of the training tags `models show` prints
+# Of the evaluation tags `models show` prints (the promotion-relevant ones).
+EVAL_HEADLINE = ("fd", "fd_real_floor", "class_fidelity", "tstr_trtr_ratio", "near_copy_fraction", "ms_ssim_synthetic")
 HEALTH_TIMEOUT_S = 3.0
 HEALTH_ATTEMPTS = 3
 
@@ -822,6 +824,8 @@ def _version_lines(mv: Any, aliases: dict[str, str]) -> list[str]:
     train = {k[7:]: v for k, v in metrics.items() if k.startswith("metric.")}
     headline = {k: v for k, v in train.items() if k in HEADLINE_METRICS} or train
     evaluation = {k[5:]: v for k, v in metrics.items() if k.startswith("eval.")}
+    # The promotion-relevant evaluation numbers; every metric stays in the tags and the evaluation run.
+    evaluation = {k: v for k, v in evaluation.items() if k in EVAL_HEADLINE} or evaluation
     for label, values in (("training", headline), ("evaluation", evaluation)):
         if values:
             lines.append(f"      {label}: " + ", ".join(f"{k}={v}" for k, v in sorted(values.items())))
