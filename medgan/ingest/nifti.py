@@ -58,23 +58,30 @@ def _load(path: Path) -> tuple[nib.Nifti1Image | nib.Nifti2Image, bytes]:
         raise ValueError(f"{path.name}: not a readable NIfTI file ({type(e).__name__}: {e})") from None
 
 
-def _voxels(img: nib.Nifti1Image | nib.Nifti2Image, raw: bytes, index: tuple, name: str) -> np.ndarray:
-    """float32 voxels of ``img[index]`` with scl_slope/scl_inter applied, read straight from the decoded bytes.
+def _stored(
+    img: nib.Nifti1Image | nib.Nifti2Image, raw: bytes, index: tuple, name: str
+) -> tuple[np.ndarray, float, float]:
+    """Stored voxels of ``img[index]`` as a view on the decoded bytes (no copy), and scl_slope, scl_inter.
 
-    One conversion pass instead of nibabel's copy out of a BytesIO plus a cast; other layouts go through the proxy.
+    Physical value = stored * slope + inter (nibabel's scaling, unusable slopes already mapped to 1/0 by nibabel).
+    Layouts numpy cannot view (structured, object) go through nibabel's proxy as float32, scaled (slope 1, inter 0).
     """
     proxy = img.dataobj  # the loaded header's own offset/scaling (img.header is a copy with the offset reset)
     dtype, order = np.dtype(getattr(proxy, "dtype", np.float32)), getattr(proxy, "order", "F")
-    if not hasattr(proxy, "offset") or dtype.fields is not None or dtype.hasobject:
-        return np.asarray(proxy[index], dtype=np.float32)
+    if not hasattr(proxy, "offset") or dtype.kind not in "biuf":
+        return np.asarray(proxy[index], dtype=np.float32), 1.0, 0.0
     offset, n = int(proxy.offset), int(np.prod(img.shape))
     if offset + n * dtype.itemsize > len(raw):
         raise ValueError(f"{name}: voxel data is truncated ({len(raw) - offset} of {n * dtype.itemsize} bytes)")
     data = np.frombuffer(raw, dtype=dtype, count=n, offset=offset).reshape(img.shape, order=order)[index]
-    slope, inter = float(proxy.slope), float(proxy.inter)
+    return (data.view(np.uint8) if dtype.kind == "b" else data), float(proxy.slope), float(proxy.inter)
+
+
+def _voxels(img: nib.Nifti1Image | nib.Nifti2Image, raw: bytes, index: tuple, name: str) -> np.ndarray:
+    """float32 voxels of ``img[index]`` with scl_slope/scl_inter applied (in float64, like nibabel's get_fdata)."""
+    data, slope, inter = _stored(img, raw, index, name)
     if slope == 1.0 and inter == 0.0:
         return data.astype(np.float32)
-    # Scale in float64 like nibabel, so values match its get_fdata() bit for bit after the float32 cast.
     return (data.astype(np.float64) * slope + inter).astype(np.float32)
 
 
@@ -134,10 +141,15 @@ def read_nifti_grid(
             notes.append(f"4-D: volume {volume_index} of {extra[0]}")
     else:
         index = (slice(None),) * 3
-    data = _voxels(img, raw, index, path.name)
-    if data.dtype.kind == "f" and img.get_data_dtype().kind == "f" and not np.isfinite(data).all():
-        notes.append("non-finite voxels set to 0")
-        data = np.nan_to_num(data, nan=0.0, posinf=0.0, neginf=0.0)
+    # Integer voxels stay stored (a view on the decoded bytes; normalization applies the scaling chunk by chunk);
+    # float voxels become float32 physical values here, with non-finite ones zeroed.
+    data, slope, inter = _stored(img, raw, index, path.name)
+    if data.dtype.kind == "f":
+        data = data.astype(np.float32) if (slope, inter) == (1.0, 0.0) else _voxels(img, raw, index, path.name)
+        slope, inter = 1.0, 0.0
+        if not np.isfinite(data).all():
+            notes.append("non-finite voxels set to 0")
+            data = np.nan_to_num(data, nan=0.0, posinf=0.0, neginf=0.0)
     affine = img.affine
     if affine is None or not np.isfinite(affine).all() or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
         raise ValueError(f"{path.name}: NIfTI has no usable qform/sform affine")
@@ -148,15 +160,17 @@ def read_nifti_grid(
         @ np.stack([np.zeros(arr.shape[2]), np.zeros(arr.shape[2]), np.arange(arr.shape[2]), np.ones(arr.shape[2])])
     )[2]
     if not modality:
-        sample = data.ravel()[:: max(1, data.size // 200_000)]
+        sample = data.ravel(order="K")[:: max(1, data.size // 200_000)] * slope + inter
         modality = "CT" if sample.size and np.percentile(sample, 1) < -500 else "OT"
         notes.append(f"modality guessed as {modality}")
     vol = Volume(
-        array=arr,
+        data=arr,
         spacing_mm=spacing,  # type: ignore[arg-type]
         modality=modality.upper(),
         positions_mm=positions.astype(np.float64),
         notes=notes,
+        slope=slope,
+        intercept=inter,
     )
     return vol, shape[:3], np.asarray(affine)  # type: ignore[return-value]
 

@@ -8,6 +8,7 @@ resampled in physical units first and the window / percentile mapping is applied
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -28,7 +29,9 @@ WINDOWS_HU: dict[str, tuple[float, float]] = {
 # axial/coronal in radiological convention (patient right on image left; anterior/superior at top), sagittal with
 # anterior on the left and superior at top.
 AXES = {"axial": (2, 1, 0), "coronal": (1, 2, 0), "sagittal": (0, 2, 1)}
-CHUNK_SLICES = 64  # slices per interpolate call: bounds the float32 working set to a few 512x512 stacks
+CHUNK_SLICES = 32  # slices per interpolate call: a 32 MB float32 working set at 512x512, reused across chunks
+_SCRATCH_MAX = 256 << 20  # bytes of float32 scratch kept per thread between volumes
+_scratch = threading.local()
 
 
 @dataclass
@@ -95,10 +98,17 @@ def window_to_unit(x: np.ndarray | torch.Tensor, center: float, width: float):
     return np.clip((np.asarray(x, dtype=np.float32) - lo) * (2.0 / width) - 1.0, -1.0, 1.0)
 
 
-def percentile_range(array: np.ndarray, percentiles: list[float], max_samples: int = 2_000_000) -> tuple[float, float]:
-    """Per-volume intensity percentiles, on a deterministic strided subsample of at most `max_samples` voxels."""
+def percentile_range(
+    array: np.ndarray, percentiles: list[float], max_samples: int = 2_000_000, scale: tuple[float, float] = (1.0, 0.0)
+) -> tuple[float, float]:
+    """Per-volume intensity percentiles, on a deterministic strided subsample of at most `max_samples` voxels.
+
+    ``scale`` = (slope, intercept) maps stored values to physical ones first (see `Volume`).
+    """
     step = max(1, int(np.ceil((array.size / max_samples) ** (1.0 / array.ndim))))
     sample = array[(slice(None, None, step),) * array.ndim]
+    if scale != (1.0, 0.0):
+        sample = sample.astype(np.float64) * scale[0] + scale[1]
     lo, hi = np.percentile(sample, [float(percentiles[0]), float(percentiles[1])])
     return float(lo), float(hi)
 
@@ -189,6 +199,26 @@ def _tensor(a: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(a if min(a.strides, default=0) >= 0 else a.copy())
 
 
+def _chunk_tensor(a: np.ndarray) -> torch.Tensor:
+    """float32 tensor of a chunk of slices [k, rows, cols] of any real dtype and strides.
+
+    Float32 C-contiguous input is used in place; anything else is converted into a per-thread scratch buffer that is
+    reused across chunks and volumes, so no new memory is touched per volume (a fresh 100 MB float32 copy of a CT
+    volume costs more in page faults than the conversion itself).
+    """
+    if a.dtype == np.float32 and a.flags.c_contiguous and min(a.strides, default=0) >= 0:
+        return torch.from_numpy(a)
+    need = int(np.prod(a.shape))
+    buf = getattr(_scratch, "buf", None)
+    if buf is None or buf.size < need:
+        buf = np.empty(need, np.float32)
+        if need * 4 <= _SCRATCH_MAX:
+            _scratch.buf = buf
+    out = buf[:need].reshape(a.shape)
+    np.copyto(out, a, casting="unsafe")
+    return torch.from_numpy(out)
+
+
 def normalize_volume(volume: Volume, cfg: IngestConfig, *, window: str = "", mask: np.ndarray | None = None) -> Slices:
     """Turn a canonical volume into kept 128x128 slices in [-1, 1].
 
@@ -198,7 +228,7 @@ def normalize_volume(volume: Volume, cfg: IngestConfig, *, window: str = "", mas
     below ``cfg.min_foreground_fraction`` are dropped, and with a mask each slice gets its class (or is dropped).
 
     Args:
-        volume: a canonical RAS+ `Volume`.
+        volume: a canonical RAS+ `Volume` (its stored values and slope/intercept; ``volume.array`` is not made).
         cfg: the ingest config.
         window: a window override for CT (see `parse_window`); "" = ``cfg.ct_window``.
         mask: int label map with the same shape as ``volume.array`` (canonical), or None.
@@ -214,7 +244,7 @@ def normalize_volume(volume: Volume, cfg: IngestConfig, *, window: str = "", mas
         >>> s.images.shape   # (n, 1, 128, 128)
     """
     res = int(cfg.resolution)
-    arr = volume.array
+    arr = volume.data  # stored values; slope/intercept are applied to each resized chunk (resizing is linear)
     if mask is not None and mask.shape != arr.shape:
         raise ValueError(f"mask shape {mask.shape} differs from the image shape {arr.shape}")
     win = parse_window(window, cfg) if volume.modality == "CT" else None
@@ -222,7 +252,7 @@ def normalize_volume(volume: Volume, cfg: IngestConfig, *, window: str = "", mas
         c, w = win
         normalization = f"CT window {window or cfg.ct_window} W{w:g}/L{c:g} HU"
     else:
-        lo, hi = percentile_range(arr, cfg.mr_percentiles)
+        lo, hi = percentile_range(arr, cfg.mr_percentiles, scale=(volume.slope, volume.intercept))
         normalization = f"percentile clip p{cfg.mr_percentiles[0]:g}-p{cfg.mr_percentiles[1]:g} per volume"
 
     stack, r_ax, c_ax = display_stack(arr, cfg.slice_axis)
@@ -245,8 +275,10 @@ def normalize_volume(volume: Volume, cfg: IngestConfig, *, window: str = "", mas
     kept_classes: list[str] = []
     with torch.inference_mode():
         for start in range(0, n, CHUNK_SLICES):
-            chunk = _tensor(stack[start : start + CHUNK_SLICES])
-            chunk = resize(chunk.unsqueeze(1), (h, w))  # [k, 1, h, w], physical units
+            chunk = _chunk_tensor(stack[start : start + CHUNK_SLICES])
+            chunk = resize(chunk.unsqueeze(1), (h, w))  # [k, 1, h, w]
+            if volume.scaled:  # to physical units (HU for CT), on 16x fewer pixels than the stored slices
+                chunk = chunk * volume.slope + volume.intercept
             chunk = window_to_unit(chunk, *win) if win is not None else range_to_unit(chunk, lo, hi)
             chunk = chunk.flip(dims=flips) if flips else chunk
             out = pad_square(chunk, res, -1.0)  # [k, 1, R, R], display orientation

@@ -177,9 +177,9 @@ def process_source(src: Source, cfg: IngestConfig, pseudonym: Callable[[str], st
             mask = read_mask(src.mask) if src.mask is not None else None
             for vol, label in _volumes(src, cfg, pseudonym, notes):
                 try:  # one bad series (or a mask that does not fit it) does not sink the others
-                    if mask is not None and mask.shape != vol.array.shape:
+                    if mask is not None and mask.shape != vol.data.shape:
                         raise ValueError(
-                            f"wrong-shaped mask: {tuple(mask.shape)} vs image {tuple(vol.array.shape)} "
+                            f"wrong-shaped mask: {tuple(mask.shape)} vs image {tuple(vol.data.shape)} "
                             "(after canonical orientation); the mask must share the image's voxel grid"
                         )
                     sl = normalize_volume(vol, cfg, window=src.window, mask=mask)

@@ -255,3 +255,43 @@ def test_radiograph_monochrome1_and_modality_lut(shared_data: Path) -> None:
     _, vol = read_one(odd / "mlut_18.dcm")
     lut = pydicom.pixels.apply_modality_lut(ds.pixel_array, ds)
     np.testing.assert_array_equal(vol.array[::-1, ::-1, 0].T, lut)
+
+
+def test_stored_fast_path_equals_pydicom(shared_data: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Uncompressed slices read straight from the file give pydicom's stored values, and the lazy rescale gives
+    the same HU volume and the same normalized slices as the eager float32 path."""
+    from medgan.config import IngestConfig
+    from medgan.ingest import dicom
+    from medgan.ingest.normalize import normalize_volume
+
+    checked = 0
+    import pydicom.data
+
+    local = Path(pydicom.data.__file__).parent / "test_files"  # pydicom's bundled files (no download)
+    for f in [*sorted(local.rglob("*.dcm")), *sorted((shared_data / "dicom").rglob("*.dcm"))]:
+        path = Path(f)
+        try:
+            header, offset = dicom._read(path, header_only=True)
+            layout = dicom._stored_layout([header], dicom._frames(header, 0))
+            if layout is None or header.file_meta.TransferSyntaxUID.is_compressed:
+                continue
+            expected = pydicom.dcmread(path).pixel_array
+        except Exception:
+            continue  # not an image pydicom decodes: covered by the skip tests
+        if expected.ndim != 2:
+            continue
+        out = np.empty(expected.shape, layout[0])
+        if dicom._read_native_into(path, header, offset, out):
+            np.testing.assert_array_equal(out, expected, err_msg=path.name)
+            checked += 1
+    assert checked >= 10  # 12-bit signed/unsigned, 8-bit, CT and MR among them
+
+    ref, lazy = read_one(require(shared_data / "dicom/ct_tcia_kits00072_18slices"))
+    assert lazy.data.dtype.kind in "iu" and lazy.scaled  # stored integers + RescaleIntercept
+    monkeypatch.setattr(dicom, "_stored_layout", lambda *a: None)
+    eager = read_series(discover_series(ref.files[0].parent)[0][0], pseudonym)
+    assert eager.data.dtype == np.float32 and not eager.scaled
+    np.testing.assert_array_equal(lazy.array, eager.array)
+    cfg = IngestConfig(min_foreground_fraction=0.0)
+    a, b = normalize_volume(lazy, cfg), normalize_volume(eager, cfg)
+    np.testing.assert_allclose(a.images.astype(np.float32), b.images.astype(np.float32), atol=2e-3)

@@ -125,3 +125,26 @@ def test_mask_aligns_with_lps_image(shared_data):
     # The liver (5) lies on the patient's right: in RAS+ that is the high end of axis 0.
     xs = np.nonzero(mask == 5)[0]
     assert xs.mean() > mask.shape[0] / 2
+
+
+def test_stored_values_scaled_lazily_match_nibabel(tmp_path):
+    """Integer voxels stay stored (no float32 copy of the volume); the physical array is nibabel's get_fdata and
+    normalizing the stored values with the scaling gives the slices of the eager float32 volume."""
+    from medgan.config import IngestConfig
+    from medgan.ingest.normalize import normalize_volume
+    from medgan.ingest.volume import Volume
+
+    rng = np.random.default_rng(0)
+    raw = rng.integers(-1200, 2000, size=(96, 80, 12)).astype(np.int16)
+    img = nib.Nifti1Image(raw, np.diag([-0.7, 0.7, 2.0, 1.0]))
+    img.header.set_slope_inter(0.5, -24.0)
+    nib.save(img, tmp_path / "s.nii.gz")
+    vol = read_nifti(tmp_path / "s.nii.gz", modality="CT")
+    assert vol.data.dtype == np.int16 and (vol.slope, vol.intercept) == (0.5, -24.0)
+    expected = nib.as_closest_canonical(nib.load(tmp_path / "s.nii.gz")).get_fdata().astype(np.float32)
+    np.testing.assert_array_equal(vol.array, expected)
+    eager = Volume(vol.array, vol.spacing_mm, "CT", positions_mm=vol.positions_mm)
+    for window in ("abdomen", "percentile"):
+        cfg = IngestConfig(min_foreground_fraction=0.0, ct_window=window)
+        a, b = normalize_volume(vol, cfg).images, normalize_volume(eager, cfg).images
+        np.testing.assert_allclose(a.astype(np.float32), b.astype(np.float32), atol=2e-3)
