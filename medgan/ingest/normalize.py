@@ -29,7 +29,8 @@ WINDOWS_HU: dict[str, tuple[float, float]] = {
 # axial/coronal in radiological convention (patient right on image left; anterior/superior at top), sagittal with
 # anterior on the left and superior at top.
 AXES = {"axial": (2, 1, 0), "coronal": (1, 2, 0), "sagittal": (0, 2, 1)}
-CHUNK_SLICES = 32  # slices per interpolate call: a 32 MB float32 working set at 512x512, reused across chunks
+CHUNK_SLICES = 64  # slices mapped, flipped and selected together (at the output size: small)
+RESIZE_BYTES = 4 << 20  # float32 bytes converted and resized at a time: stays in cache (~1.3x faster than 32 MB)
 _SCRATCH_MAX = 256 << 20  # bytes of float32 scratch kept per thread between volumes
 _scratch = threading.local()
 
@@ -137,7 +138,11 @@ def resize(stack: torch.Tensor, size: tuple[int, int], mode: str = "bilinear") -
     if mode == "nearest":
         return F.interpolate(stack, size=size, mode="nearest-exact")
     if size[0] <= stack.shape[-2] and size[1] <= stack.shape[-1]:
-        # Area averaging is an exact box antialias filter and ~1.5x cheaper than antialiased bilinear.
+        # Area averaging is an exact box antialias filter and ~1.5x cheaper than antialiased bilinear; for whole
+        # factors (512 -> 128) it is exactly avg_pool2d, whose kernel is ~1.3x faster than the adaptive one.
+        (rows, cols), (h, w) = stack.shape[-2:], size
+        if rows % h == 0 and cols % w == 0:
+            return F.avg_pool2d(stack, (rows // h, cols // w))
         return F.interpolate(stack, size=size, mode="area")
     return F.interpolate(stack, size=size, mode="bilinear", antialias=True, align_corners=False)
 
@@ -219,6 +224,13 @@ def _chunk_tensor(a: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(out)
 
 
+def _resized(slices: np.ndarray, size: tuple[int, int]) -> torch.Tensor:
+    """[k, rows, cols] of any dtype -> float32 [k, 1, h, w], never aliasing the scratch buffer (it is reused)."""
+    x = _chunk_tensor(slices).unsqueeze(1)
+    out = resize(x, size)
+    return out.clone() if out.data_ptr() == x.data_ptr() else out
+
+
 def normalize_volume(volume: Volume, cfg: IngestConfig, *, window: str = "", mask: np.ndarray | None = None) -> Slices:
     """Turn a canonical volume into kept 128x128 slices in [-1, 1].
 
@@ -275,8 +287,10 @@ def normalize_volume(volume: Volume, cfg: IngestConfig, *, window: str = "", mas
     kept_classes: list[str] = []
     with torch.inference_mode():
         for start in range(0, n, CHUNK_SLICES):
-            chunk = _chunk_tensor(stack[start : start + CHUNK_SLICES])
-            chunk = resize(chunk.unsqueeze(1), (h, w))  # [k, 1, h, w]
+            part = stack[start : start + CHUNK_SLICES]
+            step = max(1, RESIZE_BYTES // (4 * height * width))
+            pieces = [_resized(part[i : i + step], (h, w)) for i in range(0, len(part), step)]
+            chunk = pieces[0] if len(pieces) == 1 else torch.cat(pieces)  # [k, 1, h, w]
             if volume.scaled:  # to physical units (HU for CT), on 16x fewer pixels than the stored slices
                 chunk = chunk * volume.slope + volume.intercept
             chunk = window_to_unit(chunk, *win) if win is not None else range_to_unit(chunk, lo, hi)

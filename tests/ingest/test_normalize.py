@@ -158,3 +158,16 @@ def test_flipped_views_from_readers_match_contiguous_arrays():
     a = normalize_volume(Volume(view, (0.8, 0.8, 2.0), modality="CT"), cfg).images.astype(np.float32)
     b = normalize_volume(Volume(np.ascontiguousarray(view), (0.8, 0.8, 2.0), modality="CT"), cfg).images
     np.testing.assert_allclose(a, b.astype(np.float32), atol=2e-3)
+
+
+def test_many_slices_without_resize_keep_their_own_pixels():
+    """Slices converted piecewise through the reused scratch buffer never alias each other (no-resize case)."""
+    n = 80  # more slices than fit one conversion piece at 256x256
+    stored = np.empty((256, 256, n), np.int16)
+    for k in range(n):
+        stored[:, :, k] = k * 10 - 400  # stored value per slice
+    vol = Volume(stored, (1.0, 1.0, 1.0), modality="CT", slope=1.0, intercept=-24.0)
+    s = normalize_volume(vol, IngestConfig(resolution=256, min_foreground_fraction=0.0, ct_window="0:2000"))
+    assert s.images.shape == (n, 1, 256, 256)
+    hu = np.arange(n) * 10 - 424.0
+    np.testing.assert_allclose(s.images[:, 0, 100, 100].astype(np.float32), hu / 1000.0, atol=2e-3)
