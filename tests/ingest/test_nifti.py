@@ -148,3 +148,17 @@ def test_stored_values_scaled_lazily_match_nibabel(tmp_path):
         cfg = IngestConfig(min_foreground_fraction=0.0, ct_window=window)
         a, b = normalize_volume(vol, cfg).images, normalize_volume(eager, cfg).images
         np.testing.assert_allclose(a.astype(np.float32), b.astype(np.float32), atol=2e-3)
+
+
+def test_multi_member_gzip_and_zero_padding(tmp_path):
+    """bgzip-style files (several gzip members) and zero padding after the stream decode whole."""
+    import gzip
+
+    data = _marked((9, 8, 7))
+    nib.save(nib.Nifti1Image(data, np.eye(4)), tmp_path / "one.nii")
+    raw = (tmp_path / "one.nii").read_bytes()
+    (tmp_path / "multi.nii.gz").write_bytes(gzip.compress(raw[:1000]) + gzip.compress(raw[1000:]) + b"\0" * 16)
+    np.testing.assert_array_equal(read_nifti(tmp_path / "multi.nii.gz").array, data.astype(np.float32))
+    (tmp_path / "cut.nii.gz").write_bytes(gzip.compress(raw)[:-40])
+    with pytest.raises(ValueError, match="cut.nii.gz: gzip stream is corrupt or truncated"):
+        read_nifti(tmp_path / "cut.nii.gz")
