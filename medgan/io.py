@@ -122,5 +122,5 @@ def sha256_array(array: np.ndarray, h: Any | None = None, chunk_rows: int = 4096
         h.update(np.ascontiguousarray(array).tobytes())
         return h
     for i in range(0, len(array), chunk_rows):
-        h.update(np.ascontiguousarray(array[i : i + chunk_rows]).tobytes())
+        h.update(memoryview(np.ascontiguousarray(array[i : i + chunk_rows])).cast("B"))  # no bytes copy
     return h

@@ -312,15 +312,13 @@ def run_ingest(
         }
         for s, p in zip(slices, patients, strict=True)
     ]
-    res = int(ic.resolution)
-    images = np.lib.format.open_memmap(
-        parts_dir / "assembled.npy", mode="w+", dtype=np.float16, shape=(len(slices), 1, res, res)
-    )
-    k = 0
-    for path, n in part_files:
-        with np.load(path) as z:
-            images[k : k + n] = z["images"]
-        k += n
+
+    def images():  # parts streamed in order, one in memory at a time
+        for path, n in part_files:
+            if n:
+                with np.load(path) as z:
+                    yield z["images"]
+
     meta = {
         "normalization": {
             "used": sorted(normalizations),
@@ -342,8 +340,7 @@ def run_ingest(
     }
     from medgan.ingest.store import write_dataset
 
-    info = write_dataset(out, images, rows, classes, meta=meta, report=report_rows)
-    del images
+    info = write_dataset(out, images(), rows, classes, meta=meta, report=report_rows)
     shutil.rmtree(parts_dir, ignore_errors=True)
     return IngestReport(
         dataset_path=out,
