@@ -42,3 +42,25 @@ def test_generator_learns_the_classes(halves, tmp_path, tracker):
     assert result.alarms == [] and "halves-test-" in result.summary()
     health = result.run_dir / "health.png"  # the end-of-run loss/health figure, logged as an artifact
     assert health.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and health in [Path(p) for p in tracker.artifacts]
+
+
+def test_every_train_preset_resolves_and_the_gpu_recipe_steps_on_cpu(halves, tmp_path):
+    """The shipped recipes parse; the GPU recipe's model and step run as-is (bf16 autocast, channels_last) on CPU."""
+    from medgan.config import load_config
+
+    root = Path(__file__).resolve().parents[2] / "configs" / "train"
+    presets = sorted(root.glob("*.yaml"))
+    assert {p.stem for p in presets} >= {"cpu_smoke", "gpu", "cpu_brain", "ablation"}
+    for p in presets:
+        load_config([p])
+    cfg = load_config(
+        [root / "gpu.yaml"],
+        ["train.device=cpu", "train.total_kimg=0.032", "train.log_every_kimg=0.016", "train.sample_every_kimg=0.032",
+         "train.ckpt_every_kimg=0.032", "train.samples_per_class=2", "train.progress=false", "track.enabled=false"],
+    )  # fmt: skip
+    assert (cfg.model.width, cfg.model.d_reduce_channels, cfg.train.batch_size) == (64, 32, 64)
+    cfg.train.batch_size = 16  # the recipe's full-width model, two small steps
+    result = train(cfg, halves, out_dir=tmp_path, resume=None, preset="gpu")
+    assert result.checkpoint.name == "ckpt-000000032.pt"
+    x = generate(load_generator(result.checkpoint).G, [0, 1], [0, 1])
+    assert x.shape == (2, 1, 128, 128) and np.isfinite(x).all()
