@@ -262,8 +262,8 @@ def run_ingest(
             continue
         path = parts_dir / f"{t.part_id}.npz"
         with np.load(path) as z:
-            meta = json.loads(bytes(z["meta"]).decode())
-            n = int(z["images"].shape[0])
+            meta = json.loads(bytes(z["meta"]).decode())  # the images are read once, when the dataset is written
+        n = len(meta.get("slices", []))
         if meta.get("version") != PART_VERSION:
             raise ValueError(f"{path} was written by another medgan version; delete {parts_dir} and rerun")
         for r in meta["report"]:

@@ -273,11 +273,17 @@ def _text(ds: Dataset, keyword: str) -> str:
 def _not_image(ds: Dataset) -> str | None:
     """Reason a header is not an image we can use (RT objects, SR, SEG, waveforms, presentation states...)."""
     sop = ds.get("SOPClassUID")
-    name = sop.name if isinstance(sop, UID) and sop.name != str(sop) else ""
-    modality = _text(ds, "Modality") or "?"
+    name = _sop_name(str(sop)) if isinstance(sop, UID) else ""
     if (name and "Image Storage" not in name) or not (ds.get("Rows") and ds.get("Columns")):
-        return f"not an image: {name or 'unknown SOP class'} ({modality})"
+        return f"not an image: {name or 'unknown SOP class'} ({_text(ds, 'Modality') or '?'})"
     return None
+
+
+@functools.lru_cache(maxsize=256)
+def _sop_name(uid: str) -> str:
+    """The SOP class name from pydicom's UID dictionary ("" when unknown); one lookup per class, not per file."""
+    name = UID(uid).name
+    return name if name != uid else ""
 
 
 def _quiet(fn: Callable) -> Callable:
