@@ -1,13 +1,13 @@
 """Ingest throughput: medgan's read + normalize vs a plain MONAI pipeline, side by side, on realistic inputs.
 
-Inputs: (a) an uncompressed 512x512 int16 CT series written with pydicom, (b) the JPEG 2000 CT series from
-``../shared/data`` (when present), (c) a synthetic 512x512xN int16 ``.nii.gz``. For each: slices/s and peak memory of
-medgan (reader + `normalize_volume`) and of the baseline (MONAI ``LoadImage`` + ``Orientation`` +
-``ScaleIntensityRange`` + ``Resize`` per volume), each in a fresh process so peak RSS is its own. Each process runs
-its pipeline ``--repeats`` times: the first run is reported as ``cold`` (imports done, but first use of every buffer),
-the median of the others as the headline ``slices_per_s`` (a worker ingesting many volumes is warm). Also: the bare
-gzip decode rate (stdlib and isal), pydicom's bare header-parse rate, normalize + resize alone (ms/slice), and
-`run_ingest` with 1 vs 2 workers on enough volumes that the serial assembly step does not dominate.
+Inputs: (a) an uncompressed and (b) an RLE Lossless 512x512xN int16 CT series written with pydicom, (c) the real
+JPEG 2000 CT series from ``../shared/data`` (when present), (d) a synthetic 512x512xN int16 ``.nii.gz``. For each:
+slices/s and peak memory of medgan (reader + `normalize_volume`) and of the baseline (MONAI ``LoadImage`` +
+``Orientation`` + ``ScaleIntensityRange`` + ``Resize`` per volume), each in a fresh process so peak RSS is its own.
+Each process runs its pipeline ``--repeats`` times: the first run is reported as ``cold`` (imports done, but first
+use of every buffer), the median of the others as the headline ``slices_per_s`` (a worker ingesting many volumes is
+warm). Also: the bare gzip decode rate (stdlib and isal), pydicom's bare header-parse rate, normalize + resize alone
+(ms/slice), and `run_ingest` with 1 vs 2 workers on enough volumes that the serial assembly step does not dominate.
 Results are merged into ``benchmarks/results/cpu.json`` under ``"ingest"`` (other keys are kept).
 
 Usage:
@@ -35,11 +35,12 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
 
 
-def write_dicom_series(folder: Path, n: int, size: int = 512) -> Path:
-    """A realistic uncompressed CT series: int16 with rescale tags, axial, 1 file per slice, shuffled names."""
+def write_dicom_series(folder: Path, n: int, size: int = 512, syntax: str = "") -> Path:
+    """A realistic CT series: int16 with rescale tags, axial, 1 file per slice, shuffled names; uncompressed, or
+    compressed with the transfer syntax UID `syntax` (e.g. RLE Lossless, encoded by pylibjpeg-rle)."""
     import pydicom
     from pydicom.dataset import FileMetaDataset
-    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, RLELossless, generate_uid
 
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
@@ -66,6 +67,8 @@ def write_dicom_series(folder: Path, n: int, size: int = 512) -> Path:
         ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
         ds.RescaleSlope, ds.RescaleIntercept = 1, -1024
         ds.PixelData = img.tobytes()
+        if syntax:
+            ds.compress(syntax, img, encoding_plugin="pylibjpeg" if syntax == RLELossless else "")
         ds.save_as(folder / f"{(k * 7919) % n:04d}.dcm", enforce_file_format=True)
     return folder
 
@@ -225,7 +228,7 @@ def workers_scaling(nii: Path, tmp: Path, copies: int) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="small sizes (a functional check, not a measurement)")
-    ap.add_argument("--dicom-slices", type=int, default=100)
+    ap.add_argument("--dicom-slices", type=int, default=200)
     ap.add_argument("--nifti-slices", type=int, default=200)
     ap.add_argument("--repeats", type=int, default=4, help="runs per process: 1 cold + warm ones (median reported)")
     ap.add_argument("--volumes", type=int, default=12, help="volumes for the 1 vs 2 workers comparison")
@@ -246,6 +249,7 @@ def main() -> None:
         tmp = Path(td)
         inputs = {
             "dicom_uncompressed": ("dicom", write_dicom_series(tmp / "dcm", n_dcm)),
+            "dicom_rle": ("dicom", write_dicom_series(tmp / "rle", n_dcm, syntax="1.2.840.10008.1.2.5")),
             "nifti_gz": ("nifti", write_nifti(tmp / "vol.nii.gz", n_nii)),
         }
         j2k = SHARED / "dicom" / "ct_totalsegmentator_j2k_20slices" / "series"
