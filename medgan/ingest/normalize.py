@@ -296,7 +296,7 @@ def normalize_volume(volume: Volume, cfg: IngestConfig, *, window: str = "", mas
             chunk = window_to_unit(chunk, *win) if win is not None else range_to_unit(chunk, lo, hi)
             chunk = chunk.flip(dims=flips) if flips else chunk
             out = pad_square(chunk, res, -1.0)  # [k, 1, R, R], display orientation
-            fg = (out > cfg.foreground_level).float().mean(dim=(1, 2, 3))
+            fg = (out > cfg.foreground_level).sum(dim=(1, 2, 3)) / float(res * res)
             keep = (fg >= cfg.min_foreground_fraction).tolist()
             classes: list[str | None] = [None] * len(keep)
             if mstack is not None:
@@ -307,7 +307,8 @@ def normalize_volume(volume: Volume, cfg: IngestConfig, *, window: str = "", mas
                 keep = [k and c is not None for k, c in zip(keep, classes, strict=True)]
             idx = [i for i, k in enumerate(keep) if k]
             if idx:
-                kept_images.append(out[idx].to(torch.float16).numpy())
+                kept = out if len(idx) == len(out) else out[idx]  # no gather copy when every slice is kept
+                kept_images.append(kept.to(torch.float16).numpy())
                 kept_index.extend(start + i for i in idx)
                 kept_classes.extend(str(classes[i]) for i in idx)
     images = np.concatenate(kept_images) if kept_images else np.zeros((0, 1, res, res), np.float16)
