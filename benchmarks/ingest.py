@@ -24,6 +24,7 @@ import multiprocessing as mp
 import os
 import platform
 import resource
+import shutil
 import socket
 import tempfile
 import time
@@ -205,7 +206,7 @@ def normalize_ms_per_slice(n: int) -> float:
     return round((time.perf_counter() - t0) / n * 1000, 3)
 
 
-def workers_scaling(nii: Path, tmp: Path, copies: int) -> dict:
+def workers_scaling(nii: Path, tmp: Path, copies: int, rounds: int = 2) -> dict:
     from medgan.config import load_config
     from medgan.ingest import run_ingest
 
@@ -215,12 +216,17 @@ def workers_scaling(nii: Path, tmp: Path, copies: int) -> dict:
             link.symlink_to(nii)
     manifest = tmp / "m.csv"
     manifest.write_text("source,label,modality\n" + "".join(f"copy{i}.nii.gz,ct,CT\n" for i in range(copies)))
-    out: dict = {"volumes": copies}
+    out: dict = {"volumes": copies, "rounds": rounds}
+    best = {1: 0.0, 2: 0.0}
+    for _ in range(rounds):  # interleaved 1, 2, 1, 2: best of each (other tenants only ever slow a run down)
+        for w in (1, 2):
+            cfg = load_config(sets=[f"ingest.workers={w}", "ingest.min_foreground_fraction=0"])
+            shutil.rmtree(tmp / f"ds{w}", ignore_errors=True)
+            t0 = time.perf_counter()
+            rep = run_ingest(cfg, tmp / f"ds{w}", manifest=manifest, key_file=tmp / "k.key", progress=False)
+            best[w] = max(best[w], rep.n_slices / (time.perf_counter() - t0))
     for w in (1, 2):
-        cfg = load_config(sets=[f"ingest.workers={w}", "ingest.min_foreground_fraction=0"])
-        t0 = time.perf_counter()
-        rep = run_ingest(cfg, tmp / f"ds{w}", manifest=manifest, key_file=tmp / "k.key", progress=False)
-        out[f"workers_{w}_slices_per_s"] = round(rep.n_slices / (time.perf_counter() - t0), 1)
+        out[f"workers_{w}_slices_per_s"] = round(best[w], 1)
     out["speedup_2_vs_1"] = round(out["workers_2_slices_per_s"] / out["workers_1_slices_per_s"], 2)
     return out
 
@@ -230,7 +236,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="small sizes (a functional check, not a measurement)")
     ap.add_argument("--dicom-slices", type=int, default=200)
     ap.add_argument("--nifti-slices", type=int, default=200)
-    ap.add_argument("--repeats", type=int, default=4, help="runs per process: 1 cold + warm ones (median reported)")
+    ap.add_argument("--repeats", type=int, default=7, help="runs per process: 1 cold + warm ones (median reported)")
     ap.add_argument("--volumes", type=int, default=12, help="volumes for the 1 vs 2 workers comparison")
     ap.add_argument("--out", type=Path, default=None, help="results JSON (default benchmarks/results/cpu.json)")
     args = ap.parse_args()

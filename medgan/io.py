@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import json
 import os
 import shutil
@@ -13,13 +14,15 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from numpy.lib import format as npformat
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)  # read once: os.umask can only be read by setting it
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
-    """Write `data` to `path` so a reader sees the old file or the new one, never half of one.
+def atomic_write_bytes(path: str | os.PathLike, data: bytes | list) -> Path:
+    """Write `data` (bytes, or a list of bytes-like pieces written in order) to `path` so a reader sees the old file
+    or the new one, never half of one.
 
     Example:
         >>> atomic_write_bytes("out/report.bin", b"...")
@@ -30,7 +33,8 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     try:
         os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp creates 0600; outputs get the usual permissions
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            for piece in data if isinstance(data, list) else [data]:
+                f.write(piece)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -39,6 +43,14 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
             os.unlink(tmp)
         raise
     return path
+
+
+def atomic_write_npy(path: str | os.PathLike, array: np.ndarray) -> Path:
+    """Write an array as a ``.npy`` file atomically, straight from its memory (no serialised copy)."""
+    array = np.ascontiguousarray(array)
+    head = io.BytesIO()
+    npformat.write_array_header_1_0(head, npformat.header_data_from_array_1_0(array))
+    return atomic_write_bytes(path, [head.getvalue(), memoryview(array).cast("B") if array.size else b""])
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:

@@ -1,15 +1,14 @@
 """`medgan ingest`: DICOM / NIfTI / PNG-JPEG sources -> a versioned 128x128 slice dataset (`run_ingest`).
 
 Work is streamed through a process pool: each work item (one volume source, or a chunk of 2-D images) is read,
-normalized and written to ``<out>.parts/<id>.npz`` by a worker; the parent keeps only small row tables. A part's id
-hashes the source rows, the files' sizes and mtimes, the relevant config and the key fingerprint, so a rerun after an
-interruption reuses finished parts. Finally the parts are assembled in manifest-row order, splits are assigned by
-patient, and `medgan.ingest.store.write_dataset` writes the dataset atomically.
+normalized and written to ``<out>.parts/<id>.npy`` + ``<id>.json`` by a worker; the parent keeps only small row
+tables. A part's id hashes the source rows, the files' sizes and mtimes, the relevant config and the key fingerprint,
+so a rerun after an interruption reuses finished parts. Finally the parts are streamed in manifest-row order into
+`medgan.ingest.store.write_dataset`, with splits assigned by patient, and the dataset is written atomically.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import sys
@@ -27,6 +26,7 @@ from medgan.config import Config, to_dict
 from medgan.ingest.manifest import Source, discover_folder, read_manifest
 from medgan.ingest.privacy import Pseudonymizer, assign_splits, group_near_duplicates, key_id, load_key
 from medgan.ingest.worker import PART_VERSION, Task, part_id, run_task
+from medgan.io import read_json
 
 __all__ = ["IngestReport", "run_ingest"]
 
@@ -235,7 +235,7 @@ def run_ingest(
         Task(sources=g, cfg=ic, key=key, root=root, parts_dir=parts_dir, part_id=part_id(g, ic, kid))
         for g in _tasks(sources, ic.images_per_part)
     ]
-    todo = [t for t in tasks if not (parts_dir / f"{t.part_id}.npz").is_file()]
+    todo = [t for t in tasks if not (parts_dir / f"{t.part_id}.json").is_file()]
     workers = ic.workers or os.cpu_count() or 1
     results, _ = _execute(todo, min(workers, len(todo)), progress)
 
@@ -260,10 +260,8 @@ def run_ingest(
                     "n_slices": 0,
                 }
             continue
-        path = parts_dir / f"{t.part_id}.npz"
-        with np.load(path) as z:
-            meta = json.loads(bytes(z["meta"]).decode())  # the images are read once, when the dataset is written
-        n = len(meta.get("slices", []))
+        path = parts_dir / f"{t.part_id}.npy"
+        meta = read_json(path.with_suffix(".json"))  # the images are read once, when the dataset is written
         if meta.get("version") != PART_VERSION:
             raise ValueError(f"{path} was written by another medgan version; delete {parts_dir} and rerun")
         for r in meta["report"]:
@@ -276,7 +274,7 @@ def run_ingest(
             }
         slices.extend(meta["slices"])
         normalizations.update(meta["normalization"])
-        part_files.append((path, n))
+        part_files.append((path, len(meta["slices"])))
     report_rows = [report[k] for k in sorted(report)]
     n_ok = sum(r["status"] == "ok" for r in report_rows)
     n_skipped = len(report_rows) - n_ok
@@ -316,8 +314,7 @@ def run_ingest(
     def images():  # parts streamed in order, one in memory at a time
         for path, n in part_files:
             if n:
-                with np.load(path) as z:
-                    yield z["images"]
+                yield np.load(path)
 
     meta = {
         "normalization": {

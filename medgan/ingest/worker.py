@@ -1,14 +1,13 @@
 """One ingest work item (a volume source, or a chunk of 2-D images): read, normalize, write a resumable part file.
 
-Runs inside pool processes. A part is ``<id>.npz`` with ``images`` (float16 [n, 1, R, R]) and ``meta`` (UTF-8 JSON:
-per-source report rows and per-slice rows with pseudonymous keys only), written atomically, so a finished part is
-either complete or absent.
+Runs inside pool processes. A part is ``<id>.npy`` (images, float16 [n, 1, R, R]) and ``<id>.json`` (per-source report
+rows and per-slice rows with pseudonymous keys only), each written atomically, the JSON last: a part whose JSON exists
+is complete.
 """
 
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
 from collections import Counter
@@ -26,9 +25,9 @@ from medgan.ingest.nifti import read_mask, read_nifti
 from medgan.ingest.normalize import Slices, normalize_image2d, normalize_volume
 from medgan.ingest.privacy import Pseudonymizer, perceptual_hash
 from medgan.ingest.volume import Volume
-from medgan.io import atomic_write_bytes
+from medgan.io import atomic_write_json, atomic_write_npy
 
-PART_VERSION = 1
+PART_VERSION = 2  # 2: <id>.npy + <id>.json (1 was one .npz)
 # Config fields that change what a part holds; workers/splits/seed only affect scheduling and assembly.
 _ASSEMBLY_ONLY = ("workers", "split_fractions", "seed", "images_per_part", "dedup_max_distance")
 
@@ -235,7 +234,7 @@ def run_task(task: Task) -> dict[str, Any]:
         torch.set_num_threads(threads)
     arr = np.concatenate(images) if images else np.zeros((0, 1, res, res), np.float16)
     meta = {"version": PART_VERSION, "report": reports, "slices": rows, "normalization": sorted(used)}
-    buf = io.BytesIO()
-    np.savez(buf, images=arr.astype(np.float16, copy=False), meta=np.frombuffer(json.dumps(meta).encode(), np.uint8))
-    atomic_write_bytes(task.parts_dir / f"{task.part_id}.npz", buf.getvalue())
+    # Pixels first, metadata last: the .json is the part's completion marker (see run_ingest's resume).
+    atomic_write_npy(task.parts_dir / f"{task.part_id}.npy", arr.astype(np.float16, copy=False))
+    atomic_write_json(task.parts_dir / f"{task.part_id}.json", meta)
     return {"n_slices": len(rows), "report": reports}

@@ -141,7 +141,7 @@ def test_resume_after_interruption_does_not_redo_finished_sources(nifti_root, tm
     interrupt = True
     with pytest.raises(KeyboardInterrupt):
         run_ingest(_cfg(), out, manifest=manifest, key_file=key, progress=False)
-    assert len(list((tmp_path / "ds.parts").glob("*.npz"))) == 1 and not out.exists()
+    assert len(list((tmp_path / "ds.parts").glob("*.json"))) == 1 and not out.exists()
     interrupt, reads[:] = False, []
     rep = run_ingest(_cfg(), out, manifest=manifest, key_file=key, progress=False)
     assert reads == ["example_ct_sm.nii.gz"] and rep.n_reused == 1  # the finished MR volume was not read again
