@@ -29,6 +29,7 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import pydicom
@@ -101,12 +102,17 @@ def _read(path: Path, header_only: bool) -> tuple[Dataset, int]:
         InvalidDicomError: not a DICOM file.
     """
     with open(path, "rb") as fp:
-        head = fp.read(132)
-        fp.seek(0)
-        # Files without the 128-byte preamble are accepted only if they start with a group 0002/0008 element.
-        force = head[128:132] != b"DICM" and head[:2] in (b"\x02\x00", b"\x08\x00")
-        ds = pydicom.dcmread(fp, stop_before_pixels=header_only, force=force)
-        pixel_offset = fp.tell()
+        return _parse(fp, header_only)
+
+
+def _parse(fp: BinaryIO, header_only: bool) -> tuple[Dataset, int]:
+    """`_read` on an open file, left positioned where Pixel Data starts."""
+    head = fp.read(132)
+    fp.seek(0)
+    # Files without the 128-byte preamble are accepted only if they start with a group 0002/0008 element.
+    force = head[128:132] != b"DICM" and head[:2] in (b"\x02\x00", b"\x08\x00")
+    ds = pydicom.dcmread(fp, stop_before_pixels=header_only, force=force)
+    pixel_offset = fp.tell()
     if force and "SOPClassUID" not in ds:
         raise InvalidDicomError("no SOP Class UID")
     if "TransferSyntaxUID" not in ds.file_meta:
@@ -135,26 +141,24 @@ def _decoder_problem(tsuid: UID) -> str | None:
     return f"cannot decode {tsuid.name}: no decoder plugin (install {plugin})"
 
 
-def _pixel_problem(path: Path, ds: Dataset, offset: int) -> str | None:
-    """Cheap truncation check after a header-only read: is the Pixel Data element there and complete?"""
-    size = path.stat().st_size
+def _pixel_problem(fp: BinaryIO, ds: Dataset, offset: int) -> str | None:
+    """Cheap truncation check after a header-only read of the open file `fp`: is Pixel Data there and complete?"""
+    size = os.fstat(fp.fileno()).st_size
     if offset + 8 > size:
         return "truncated or corrupt: no Pixel Data element"
-    with open(path, "rb") as fp:
-        fp.seek(offset)
-        head = fp.read(12)
-        implicit, little = ds.original_encoding
-        order = "little" if little else "big"
-        length = int.from_bytes(head[8:12] if not implicit else head[4:8], order)
-        if length != 0xFFFFFFFF:
-            expected, have = length, size - offset - (8 if implicit else 12)
-            return f"truncated or corrupt: {have} of {expected} pixel bytes present" if have < expected else None
-        # Encapsulated pixel data ends with a Sequence Delimitation Item; scan only when the tail is something else.
-        fp.seek(max(offset, size - 8))
-        if fp.read(8) == _DELIM:
-            return None
-        with mmap.mmap(fp.fileno(), 0, access=mmap.ACCESS_READ) as mm:
-            found = mm.find(_DELIM, offset) >= 0
+    fp.seek(offset)
+    head = fp.read(12)
+    implicit, little = ds.original_encoding
+    length = int.from_bytes(head[8:12] if not implicit else head[4:8], "little" if little else "big")
+    if length != 0xFFFFFFFF:
+        expected, have = length, size - offset - (8 if implicit else 12)
+        return f"truncated or corrupt: {have} of {expected} pixel bytes present" if have < expected else None
+    # Encapsulated pixel data ends with a Sequence Delimitation Item; scan only when the tail is something else.
+    fp.seek(max(offset, size - 8))
+    if fp.read(8) == _DELIM:
+        return None
+    with mmap.mmap(fp.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+        found = mm.find(_DELIM, offset) >= 0
     return None if found else "truncated or corrupt: compressed pixel data ends early (no end delimiter)"
 
 
@@ -188,20 +192,57 @@ def _with_pixels(path: Path, ds: Dataset, offset: int) -> Dataset | np.ndarray:
     return out
 
 
+def _stored_dtype(ds: Dataset) -> np.dtype | None:
+    """Little-endian dtype of single-sample 8/16-bit stored values (what pydicom's decoders return for them); None for
+    any other layout (colour, 1-bit, 32-bit, unreadable attributes)."""
+    try:
+        spp, bits, signed = (
+            int(ds.get("SamplesPerPixel", 1)),
+            int(ds.BitsAllocated),
+            int(ds.get("PixelRepresentation", 0)),
+        )
+    except (AttributeError, TypeError, ValueError):
+        return None
+    if spp != 1 or bits not in (8, 16) or signed not in (0, 1):
+        return None
+    return np.dtype(f"<{'i' if signed else 'u'}{bits // 8}")
+
+
+def _native_layout(ds: Dataset) -> tuple[np.dtype, tuple[int, ...], int] | None:
+    """(dtype, array shape, unused high bits) of uncompressed little-endian Pixel Data that numpy can view directly;
+    None when pydicom's decoders must handle it. The shape is pydicom's: (rows, cols), or (frames, rows, cols)."""
+    if ds.file_meta.TransferSyntaxUID not in (ExplicitVRLittleEndian, ImplicitVRLittleEndian):
+        return None
+    dtype = _stored_dtype(ds)
+    try:
+        allocated, rows, cols = int(ds.BitsAllocated), int(ds.Rows), int(ds.Columns)
+        stored, frames = int(ds.get("BitsStored") or allocated), int(ds.get("NumberOfFrames") or 1)
+    except (AttributeError, TypeError, ValueError):
+        return None
+    if dtype is None or not 0 < stored <= allocated:
+        return None
+    return dtype, ((frames, rows, cols) if frames > 1 else (rows, cols)), allocated - stored
+
+
+def _correct_unused_bits(arr: np.ndarray, unused: int) -> np.ndarray:
+    """pydicom's unused-bits correction: shift left then right by BitsAllocated - BitsStored, in place (which masks
+    unsigned values and sign-extends signed ones)."""
+    if unused:
+        np.left_shift(arr, unused, out=arr)
+        np.right_shift(arr, unused, out=arr)
+    return arr
+
+
 def _read_native_into(path: Path, ds: Dataset, offset: int, out: np.ndarray) -> bool:
     """Read a single-frame uncompressed slice's stored values straight into `out` (its stored dtype), if it is one.
 
     One kernel copy from the file into the volume, no intermediate buffer. Returns False (and reads nothing useful)
     when the file is anything else; the caller then goes through `_with_pixels`.
     """
-    if ds.file_meta.TransferSyntaxUID not in (ExplicitVRLittleEndian, ImplicitVRLittleEndian):
+    layout = _native_layout(ds)
+    if layout is None or layout[:2] != (out.dtype, out.shape):
         return False
-    if int(ds.get("NumberOfFrames") or 1) != 1 or int(ds.get("SamplesPerPixel", 1)) != 1:
-        return False
-    if (int(ds.Rows), int(ds.Columns)) != out.shape or int(ds.BitsAllocated) != 8 * out.itemsize:
-        return False
-    implicit = ds.original_encoding[0]
-    head = 8 if implicit else 12
+    head = 8 if ds.original_encoding[0] else 12  # implicit VR: tag + length; explicit: tag + VR + reserved + length
     with open(path, "rb", buffering=0) as fp:
         fp.seek(offset)
         element = fp.read(head)
@@ -211,39 +252,22 @@ def _read_native_into(path: Path, ds: Dataset, offset: int, out: np.ndarray) -> 
             return False
         if fp.readinto(memoryview(out).cast("B")) != out.nbytes:
             return False
-    stored, allocated = int(ds.get("BitsStored") or ds.BitsAllocated), int(ds.BitsAllocated)
-    if stored < allocated:  # pydicom's unused-bits correction (sign-extends signed data)
-        np.left_shift(out, allocated - stored, out=out)
-        np.right_shift(out, allocated - stored, out=out)
+    _correct_unused_bits(out, layout[2])
     return True
 
 
 def _native(ds: Dataset, value: bytes | memoryview) -> np.ndarray | None:
-    """Stored values of uncompressed little-endian, single-sample, 8/16-bit Pixel Data; None for anything else.
-
-    The same array as ``pydicom.pixels.pixel_array`` (frames, rows, columns as it shapes them), with its unused-bits
-    correction (shift left then right by BitsAllocated - BitsStored, which sign-extends signed data), without the
-    decoder's per-call setup, which costs more than the copy itself for one slice.
-    """
-    if ds.file_meta.TransferSyntaxUID not in (ExplicitVRLittleEndian, ImplicitVRLittleEndian):
+    """The stored values of uncompressed Pixel Data (`_native_layout`), as ``pydicom.pixels.pixel_array`` returns
+    them, without the decoder's per-call setup, which costs more than the copy itself for one slice."""
+    layout = _native_layout(ds)
+    if layout is None:
         return None
-    try:
-        spp, allocated = int(ds.get("SamplesPerPixel", 1)), int(ds.BitsAllocated)
-        stored, signed = int(ds.get("BitsStored") or allocated), int(ds.get("PixelRepresentation", 0))
-        rows, cols, frames = int(ds.Rows), int(ds.Columns), int(ds.get("NumberOfFrames") or 1)
-    except (AttributeError, TypeError, ValueError):
-        return None
-    if spp != 1 or allocated not in (8, 16) or not 0 < stored <= allocated or signed not in (0, 1):
-        return None
-    dtype = np.dtype(f"<{'i' if signed else 'u'}{allocated // 8}")
-    n = rows * cols * frames
+    dtype, shape, unused = layout
+    n = int(np.prod(shape))
     if len(value) < n * dtype.itemsize:
         return None  # pydicom raises its own clear error for short data
-    arr = np.frombuffer(value, dtype=dtype, count=n).reshape((frames, rows, cols) if frames > 1 else (rows, cols))
-    if stored < allocated:
-        shift = allocated - stored
-        arr = np.right_shift(np.left_shift(arr, shift), shift)
-    return arr
+    arr = np.frombuffer(value, dtype=dtype, count=n).reshape(shape)  # a read-only view on the file's bytes
+    return _correct_unused_bits(arr.copy(), unused) if unused else arr
 
 
 def _fg(ds: Dataset, frame: int, name: str) -> Dataset | None:
@@ -342,17 +366,18 @@ def discover_series(source: Path, min_series_slices: int = 4) -> tuple[list[Seri
     decodable: dict[str, str | None] = {}
     for path in paths:
         try:
-            ds, offset = _read(path, header_only=True)
+            with open(path, "rb") as fp:  # one open per file: header, then the Pixel Data check
+                ds, offset = _parse(fp, header_only=True)
+                tsuid = ds.file_meta.TransferSyntaxUID
+                if tsuid not in decodable:
+                    decodable[tsuid] = _decoder_problem(tsuid)
+                reason = _not_image(ds) or decodable[tsuid] or _pixel_problem(fp, ds, offset)
         except InvalidDicomError:
             skips.append(Skip(path, "not a DICOM file"))
             continue
         except Exception as e:  # pydicom raises many types on corrupt headers
             skips.append(Skip(path, f"truncated or corrupt: {_clean(e, path)}"))
             continue
-        tsuid = ds.file_meta.TransferSyntaxUID
-        if tsuid not in decodable:
-            decodable[tsuid] = _decoder_problem(tsuid)
-        reason = _not_image(ds) or decodable[tsuid] or _pixel_problem(path, ds, offset)
         if reason:
             skips.append(Skip(path, reason))
             continue
@@ -478,32 +503,21 @@ def _stored_layout(datasets: list[Dataset], frames: list[_Frame]) -> tuple[np.dt
     Modality LUT Sequence, and one Rescale Slope/Intercept for every frame. The decoders (pydicom's native reader
     and the compressed-syntax plugins) return exactly this dtype for such pixels.
     """
-    layouts = set()
+    dtypes = set()
     for ds in datasets:
-        if ds is None:
+        if ds is None or str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip() != "MONOCHROME2":
             return None
-        photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip()
-        try:
-            spp, bits, signed = (
-                int(ds.get("SamplesPerPixel", 1)),
-                int(ds.BitsAllocated),
-                int(ds.get("PixelRepresentation", 0)),
-            )
-        except (AttributeError, TypeError, ValueError):
-            return None
-        if photometric != "MONOCHROME2" or spp != 1 or bits not in (8, 16) or signed not in (0, 1):
-            return None
-        layouts.add((bits, signed))
+        dtypes.add(_stored_dtype(ds))
     scales = set()
     for f in frames:
         item = f.rescale if f.rescale is not None else datasets[f.file]
         if item.get("ModalityLUTSequence"):
             return None
         scales.add((float(item.get("RescaleSlope", 1) or 1), float(item.get("RescaleIntercept", 0) or 0)))
-    if len(layouts) != 1 or len(scales) != 1:
+    if len(dtypes) != 1 or None in dtypes or len(scales) != 1:
         return None
-    (bits, signed), (slope, intercept) = layouts.pop(), scales.pop()
-    return np.dtype(f"<{'i' if signed else 'u'}{bits // 8}"), slope, intercept
+    (slope, intercept) = scales.pop()
+    return dtypes.pop(), slope, intercept
 
 
 def _order(positions: np.ndarray, notes: list[str]) -> tuple[np.ndarray, float]:
