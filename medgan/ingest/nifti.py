@@ -9,7 +9,7 @@ import nibabel as nib
 import numpy as np
 from nibabel import orientations
 
-from medgan.ingest.volume import Volume
+from medgan.ingest.volume import Volume, physical
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 
@@ -95,14 +95,6 @@ def _stored(
     return (data.view(np.uint8) if dtype.kind == "b" else data), float(proxy.slope), float(proxy.inter)
 
 
-def _voxels(img: nib.Nifti1Image | nib.Nifti2Image, raw: bytes, index: tuple, name: str) -> np.ndarray:
-    """float32 voxels of ``img[index]`` with scl_slope/scl_inter applied (in float64, like nibabel's get_fdata)."""
-    data, slope, inter = _stored(img, raw, index, name)
-    if slope == 1.0 and inter == 0.0:
-        return data.astype(np.float32)
-    return (data.astype(np.float64) * slope + inter).astype(np.float32)
-
-
 def canonical(data: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Reorder/flip a 3-D array to the closest canonical RAS+ orientation (as ``nib.as_closest_canonical``).
 
@@ -163,7 +155,7 @@ def read_nifti_grid(
     # float voxels become float32 physical values here, with non-finite ones zeroed.
     data, slope, inter = _stored(img, raw, index, path.name)
     if data.dtype.kind == "f":
-        data = data.astype(np.float32) if (slope, inter) == (1.0, 0.0) else _voxels(img, raw, index, path.name)
+        data = physical(data, slope, inter)
         slope, inter = 1.0, 0.0
         if not np.isfinite(data).all():
             notes.append("non-finite voxels set to 0")
@@ -210,6 +202,6 @@ def read_mask(path: str | Path) -> np.ndarray:
     shape = tuple(int(s) for s in m.shape)
     if len(shape) < 3 or any(s > 1 for s in shape[3:]):
         raise ValueError(f"mask {path.name} has shape {shape}; a label map must be 3-D")
-    data = _voxels(m, raw, (slice(None),) * 3 + (0,) * (len(shape) - 3), path.name)
+    data = physical(*_stored(m, raw, (slice(None),) * 3 + (0,) * (len(shape) - 3), path.name))
     arr, _ = canonical(np.rint(data).astype(np.int32), m.affine)
     return arr

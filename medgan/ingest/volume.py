@@ -8,6 +8,14 @@ from dataclasses import dataclass, field
 import numpy as np
 
 
+def physical(data: np.ndarray, slope: float = 1.0, intercept: float = 0.0) -> np.ndarray:
+    """float32 ``data * slope + intercept``, scaled in float64 like nibabel's ``get_fdata`` (no copy when `data` is
+    already float32 and unscaled)."""
+    if slope == 1.0 and intercept == 0.0:
+        return data if data.dtype == np.float32 else data.astype(np.float32)
+    return (data.astype(np.float64) * slope + intercept).astype(np.float32)
+
+
 @dataclass
 class Volume:
     """One image volume after reading, before normalization.
@@ -55,12 +63,5 @@ class Volume:
 
     @functools.cached_property
     def array(self) -> np.ndarray:
-        """float32 [X, Y, Z] physical values (computed once, in float64 then rounded, like nibabel's ``get_fdata``)."""
-        if not self.scaled:
-            return self.data if self.data.dtype == np.float32 else self.data.astype(np.float32)
-        return (self.data.astype(np.float64) * self.slope + self.intercept).astype(np.float32)
-
-    def physical_range(self, lo: float, hi: float) -> tuple[float, float]:
-        """Stored-value bounds ``lo``/``hi`` mapped to physical units, in increasing order."""
-        a, b = lo * self.slope + self.intercept, hi * self.slope + self.intercept
-        return (a, b) if a <= b else (b, a)
+        """float32 [X, Y, Z] physical values (`physical`, computed once)."""
+        return physical(self.data, self.slope, self.intercept)
