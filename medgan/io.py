@@ -48,9 +48,17 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes | list) -> Path:
 def atomic_write_npy(path: str | os.PathLike, array: np.ndarray) -> Path:
     """Write an array as a ``.npy`` file atomically, straight from its memory (no serialised copy)."""
     array = np.ascontiguousarray(array)
+    return atomic_write_bytes(
+        path, [npy_header(array.dtype, array.shape), memoryview(array).cast("B") if array.size else b""]
+    )
+
+
+def npy_header(dtype: np.dtype, shape: tuple[int, ...]) -> bytes:
+    """The ``.npy`` header of a C-order array, for writing its bytes after it piece by piece."""
     head = io.BytesIO()
-    npformat.write_array_header_1_0(head, npformat.header_data_from_array_1_0(array))
-    return atomic_write_bytes(path, [head.getvalue(), memoryview(array).cast("B") if array.size else b""])
+    npformat.write_array_header_1_0(head, {"descr": npformat.dtype_to_descr(np.dtype(dtype)), "fortran_order": False,
+                                           "shape": tuple(shape)})  # fmt: skip
+    return head.getvalue()
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
@@ -126,10 +134,16 @@ def sha256_file(path: str | os.PathLike, chunk_bytes: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
+def sha256_array_header(dtype: np.dtype, shape: tuple[int, ...], h: Any | None = None) -> Any:
+    """Feed the dtype and shape that `sha256_array` hashes before the bytes (to hash an array written in pieces)."""
+    h = h or hashlib.sha256()
+    h.update(f"{np.dtype(dtype).str}{tuple(shape)}".encode())
+    return h
+
+
 def sha256_array(array: np.ndarray, h: Any | None = None, chunk_rows: int = 4096) -> Any:
     """Feed an array's dtype, shape and C-order bytes into a SHA-256 (chunked, so memmaps stay out of RAM)."""
-    h = h or hashlib.sha256()
-    h.update(f"{array.dtype.str}{tuple(array.shape)}".encode())
+    h = sha256_array_header(array.dtype, array.shape, h)
     if array.ndim == 0 or len(array) == 0:
         h.update(np.ascontiguousarray(array).tobytes())
         return h

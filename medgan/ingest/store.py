@@ -14,16 +14,15 @@ import io
 import itertools
 import os
 from collections import Counter
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from numpy.lib import format as npformat
 
 from medgan import __version__
-from medgan.io import atomic_dir, atomic_write_json, read_json, sha256_array
+from medgan.io import atomic_dir, atomic_write_json, npy_header, read_json, sha256_array, sha256_array_header
 
 SCHEMA = "medgan.slices/1"
 SPLITS = ("train", "val", "test")
@@ -113,19 +112,15 @@ def write_dataset(
         ValueError: shapes, value range or labels that break the contract, naming which.
     """
     out = Path(out)
-    pieces: Iterator[np.ndarray]
     if isinstance(images, np.ndarray):
         if len(rows) != len(images):
             raise ValueError(f"{out}: {len(images)} images but {len(rows)} rows")
-        pieces = (images[i : i + 4096] for i in range(0, len(images), 4096))
-        first = images[:0] if len(images) == 0 else None
-    else:
-        pieces, first = iter(images), None
+        images = [images[i : i + 4096] for i in range(0, len(images), 4096)] or [images]  # views, no copies
+    pieces = iter(images)
+    first = next(pieces, None)
     if first is None:
-        first = next(pieces, None)
-        if first is None:
-            raise ValueError(f"{out}: no images")
-        pieces = itertools.chain([first], pieces)
+        raise ValueError(f"{out}: no images")
+    pieces = itertools.chain([first], pieces)
     if first.ndim != 4 or first.shape[1] != 1 or first.shape[2] != first.shape[3]:
         raise ValueError(f"{out}: images must be [N, 1, R, R], got {tuple(first.shape)}")
     shape = (len(rows), *first.shape[1:])
@@ -143,13 +138,10 @@ def write_dataset(
     with atomic_dir(out) as tmp:
         # Check, write and hash each piece in one pass (the same bytes `content_hash` reads back from the file),
         # with plain writes: a memory-mapped output costs a page fault per 4 KB on this path.
-        h = _table_hash(slices_csv, classes)
-        h.update(f"{np.dtype(np.float16).str}{shape}".encode())
+        h = sha256_array_header(np.float16, shape, _table_hash(slices_csv, classes))
         k = 0
         with open(tmp / "slices.npy", "wb") as f:
-            npformat.write_array_header_1_0(
-                f, {"descr": np.dtype(np.float16).str, "fortran_order": False, "shape": shape}
-            )
+            f.write(npy_header(np.float16, shape))
             for piece in pieces:
                 if piece.shape[1:] != shape[1:]:
                     raise ValueError(f"{out}: images must be [N, 1, R, R] of one size, got {tuple(piece.shape)}")
