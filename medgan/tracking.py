@@ -52,7 +52,7 @@ HEADLINE_METRICS = ("loss/d", "loss/g", "d/r_t", "aug/p", "perf/img_per_s")  # o
 # Of the evaluation tags `models show` prints (the promotion-relevant ones).
 EVAL_HEADLINE = ("fd", "fd_real_floor", "class_fidelity", "tstr_trtr_ratio", "near_copy_fraction", "ms_ssim_synthetic")
 HEALTH_TIMEOUT_S = 3.0
-HEALTH_ATTEMPTS = 3
+HEALTH_WAIT_S = 3.0  # an unreachable server fails the run this fast
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -104,6 +104,25 @@ def _redact(uri: str) -> str:
     return urllib.parse.urlunsplit(parts._replace(netloc=f"{parts.username}:***@{parts.hostname}:{parts.port or ''}"))
 
 
+def wait_for_server(uri: str, timeout_s: float, proc: subprocess.Popen | None = None) -> str | None:
+    """Poll ``<uri>/health`` every 0.5 s until it answers 200 (returns None), `timeout_s` passes, or `proc` (the
+    server's process, when this caller started it) exits; then returns why not, in one line."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            with urllib.request.urlopen(f"{uri}/health", timeout=HEALTH_TIMEOUT_S) as r:
+                if r.status == 200:
+                    return None
+                error = f"HTTP {r.status}"
+        except (OSError, urllib.error.URLError) as e:
+            error = str(e)
+        if proc is not None and proc.poll() is not None:
+            return f"the server process exited with code {proc.returncode}"
+        if time.monotonic() >= deadline:
+            return error
+        time.sleep(0.5)
+
+
 def check_reachable(uri: str) -> None:
     """Fail fast when an http(s) tracking server does not answer ``/health``.
 
@@ -112,16 +131,9 @@ def check_reachable(uri: str) -> None:
     """
     if not uri.startswith(("http://", "https://")):
         return
-    error: Exception | None = None
-    for attempt in range(HEALTH_ATTEMPTS):
-        try:
-            with urllib.request.urlopen(f"{uri}/health", timeout=HEALTH_TIMEOUT_S) as r:
-                if r.status == 200:
-                    return
-                error = RuntimeError(f"HTTP {r.status}")
-        except (OSError, urllib.error.URLError) as e:
-            error = e
-        time.sleep(0.5 * (attempt + 1))
+    error = wait_for_server(uri, HEALTH_WAIT_S)
+    if error is None:
+        return
     raise RuntimeError(
         f"MLflow tracking server {_redact(uri)} is unreachable ({error}). "
         "Start it (mlflow server ...), fix --tracking-uri / MLFLOW_TRACKING_URI, or run with --no-track."

@@ -18,10 +18,11 @@ import socket
 import subprocess
 import sys
 import tempfile
-import time
 import urllib.parse
 import urllib.request
 from pathlib import Path
+
+from medgan.tracking import wait_for_server
 
 BROWSERS = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
 
@@ -30,21 +31,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def wait_healthy(uri: str, proc: subprocess.Popen | None, timeout_s: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(f"{uri}/health", timeout=2) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            pass
-        if proc is not None and proc.poll() is not None:
-            raise SystemExit(f"mlflow server exited with code {proc.returncode}")
-        time.sleep(0.5)
-    raise SystemExit(f"mlflow server at {uri} did not answer /health within {timeout_s:.0f} s")
 
 
 def api(uri: str, path: str, body: dict | None = None) -> dict:
@@ -120,7 +106,9 @@ def main() -> None:
         cmd += ["--artifacts-destination", str(store / "artifacts")]
         proc = subprocess.Popen(cmd, stdout=open(store / "server.log", "ab"), stderr=subprocess.STDOUT)  # noqa: SIM115
     try:
-        wait_healthy(uri, proc)
+        error = wait_for_server(uri, 60.0, proc)
+        if error:
+            raise SystemExit(f"mlflow server at {uri} is not healthy: {error}")
         values = [v.strip() for v in args.reduce.split(",") if v.strip()]
         if not args.skip_train:
             if args.data is None:

@@ -6,8 +6,6 @@ import json
 import os
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -45,18 +43,9 @@ def server(tmp_path_factory):
     log = open(root / "server.log", "wb")  # noqa: SIM115 (closed in teardown)
     proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT)
     uri = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 45
-    while True:
-        try:
-            with urllib.request.urlopen(f"{uri}/health", timeout=1) as r:
-                if r.status == 200:
-                    break
-        except OSError:
-            pass
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            pytest.fail(f"mlflow server did not start: {(root / 'server.log').read_text()[-2000:]}")
-        time.sleep(0.5)
+    if tracking.wait_for_server(uri, 45.0, proc) is not None:
+        proc.kill()
+        pytest.fail(f"mlflow server did not start: {(root / 'server.log').read_text()[-2000:]}")
     yield dict(uri=uri, root=root)
     proc.terminate()
     try:
