@@ -195,29 +195,22 @@ def mask_classes(mask: torch.Tensor, cfg: IngestConfig) -> list[str | None]:
     return out
 
 
-def _tensor(a: np.ndarray) -> torch.Tensor:
-    """float32 tensor over `a`, copying only when needed.
+def _tensor(a: np.ndarray, *, scratch: bool = False) -> torch.Tensor:
+    """float32 tensor of `a` (any real dtype and strides), copying only when needed.
 
-    np.ascontiguousarray keeps degenerate negative strides (size-1 axes of a flipped view), which torch rejects.
-    """
-    a = np.ascontiguousarray(a, dtype=np.float32)
-    return torch.from_numpy(a if min(a.strides, default=0) >= 0 else a.copy())
-
-
-def _chunk_tensor(a: np.ndarray) -> torch.Tensor:
-    """float32 tensor of a chunk of slices [k, rows, cols] of any real dtype and strides.
-
-    Float32 C-contiguous input is used in place; anything else is converted into a per-thread scratch buffer that is
-    reused across chunks and volumes, so no new memory is touched per volume (a fresh 100 MB float32 copy of a CT
-    volume costs more in page faults than the conversion itself).
+    Float32 C-contiguous input with positive strides is used in place (torch rejects negative strides, which
+    np.ascontiguousarray keeps on size-1 axes). Anything else is converted into a new array or, with `scratch`, into a
+    per-thread buffer reused across chunks and volumes, so no new memory is touched per volume (a fresh 100 MB float32
+    copy of a CT volume costs more in page faults than the conversion itself). A scratch tensor is valid until the
+    next scratch conversion in the same thread.
     """
     if a.dtype == np.float32 and a.flags.c_contiguous and min(a.strides, default=0) >= 0:
         return torch.from_numpy(a)
     need = int(np.prod(a.shape))
-    buf = getattr(_scratch, "buf", None)
+    buf = getattr(_scratch, "buf", None) if scratch else None
     if buf is None or buf.size < need:
         buf = np.empty(need, np.float32)
-        if need * 4 <= _SCRATCH_MAX:
+        if scratch and need * 4 <= _SCRATCH_MAX:
             _scratch.buf = buf
     out = buf[:need].reshape(a.shape)
     np.copyto(out, a, casting="unsafe")
@@ -226,7 +219,7 @@ def _chunk_tensor(a: np.ndarray) -> torch.Tensor:
 
 def _resized(slices: np.ndarray, size: tuple[int, int]) -> torch.Tensor:
     """[k, rows, cols] of any dtype -> float32 [k, 1, h, w], never aliasing the scratch buffer (it is reused)."""
-    x = _chunk_tensor(slices).unsqueeze(1)
+    x = _tensor(slices, scratch=True).unsqueeze(1)
     out = resize(x, size)
     return out.clone() if out.data_ptr() == x.data_ptr() else out
 
