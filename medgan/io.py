@@ -66,8 +66,9 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     return atomic_write_bytes(path, text.encode("utf-8"))
 
 
-def to_json(obj: Any) -> str:
-    """Stable, human-readable JSON: sorted keys, numpy scalars and paths converted."""
+def to_json(obj: Any, *, compact: bool = False) -> str:
+    """Stable JSON: sorted keys, numpy scalars and paths converted; indented for people, or `compact` (one line,
+    ~10x faster to write: the indented form runs on json's pure-Python encoder) for machine-only files."""
 
     def default(o: Any) -> Any:
         if isinstance(o, np.generic):
@@ -80,12 +81,14 @@ def to_json(obj: Any) -> str:
             return sorted(o)
         raise TypeError(f"{type(o).__name__} is not JSON serialisable")
 
+    if compact:
+        return json.dumps(obj, separators=(",", ":"), sort_keys=True, default=default) + "\n"
     return json.dumps(obj, indent=2, sort_keys=True, default=default) + "\n"
 
 
-def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
-    """Write `obj` as stable JSON atomically."""
-    return atomic_write_text(path, to_json(obj))
+def atomic_write_json(path: str | os.PathLike, obj: Any, *, compact: bool = False) -> Path:
+    """Write `obj` as stable JSON atomically (see `to_json`)."""
+    return atomic_write_text(path, to_json(obj, compact=compact))
 
 
 def read_json(path: str | os.PathLike) -> Any:

@@ -3,18 +3,22 @@
 Work is streamed through a process pool: each work item (one volume source, or a chunk of 2-D images) is read,
 normalized and written to ``<out>.parts/<id>.npy`` + ``<id>.json`` by a worker; the parent keeps only small row
 tables. A part's id hashes the source rows, the files' sizes and mtimes, the relevant config and the key fingerprint,
-so a rerun after an interruption reuses finished parts. Finally the parts are streamed in manifest-row order into
-`medgan.ingest.store.write_dataset`, with splits assigned by patient, and the dataset is written atomically.
+so a rerun after an interruption reuses finished parts. The parent streams finished parts in manifest-row order into
+a `medgan.ingest.store.SliceWriter` while the workers make the next ones; once all are in, splits are assigned by
+patient and the tables are written. The dataset is renamed into place only when complete.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import sys
 import time
 from collections import Counter, defaultdict
+from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,6 +29,7 @@ from medgan import __version__
 from medgan.config import Config, to_dict
 from medgan.ingest.manifest import Source, discover_folder, read_manifest
 from medgan.ingest.privacy import Pseudonymizer, assign_splits, group_near_duplicates, key_id, load_key
+from medgan.ingest.store import SliceWriter, part_intact
 from medgan.ingest.worker import PART_VERSION, Task, part_id, run_task
 from medgan.io import read_json
 
@@ -100,26 +105,26 @@ def _worker_init() -> None:
     torch.set_num_threads(1)
 
 
-def _execute(tasks: list[Task], workers: int, progress: bool) -> tuple[dict[str, dict], int]:
-    """Run pending tasks (in-process for one worker, else a process pool) with a progress bar; returns summaries."""
+def _execute(tasks: list[Task], workers: int, progress: bool, on_done: Callable[[Task, dict], None]) -> None:
+    """Run pending tasks (in-process for one worker, else a process pool) with a progress bar; `on_done` gets each
+    task's summary as it finishes (in the parent process)."""
     from tqdm import tqdm
 
-    results: dict[str, dict] = {}
     bar = tqdm(total=len(tasks), unit="item", disable=not progress, desc="ingest", dynamic_ncols=True)
     n_slices, t0 = 0, time.perf_counter()
 
     def done(task: Task, res: dict) -> None:
         nonlocal n_slices
-        results[task.part_id] = res
         n_slices += res["n_slices"]
         bar.update(1)
         bar.set_postfix_str(f"{n_slices / max(time.perf_counter() - t0, 1e-9):.0f} slices/s")
+        on_done(task, res)
 
     try:
         if workers <= 1 or len(tasks) <= 1:
             for t in tasks:
                 done(t, run_task(t))
-            return results, n_slices
+            return
         import multiprocessing as mp
 
         # fork starts workers without re-importing torch (seconds each); workers run torch single-threaded, so no
@@ -134,20 +139,78 @@ def _execute(tasks: list[Task], workers: int, progress: bool) -> tuple[dict[str,
                     for f in finished:
                         t = futures[f]
                         try:
-                            done(t, f.result())
+                            res = f.result()
                         except Exception as e:  # a crashed worker: report its sources, do not write a part
                             reason = f"worker failed: {type(e).__name__}: {e}".replace("\n", " ")[:300]
-                            done(t, {"failed": reason, "n_slices": 0})
+                            res = {"failed": reason, "n_slices": 0}
+                        done(t, res)
             except BaseException:
                 pool.shutdown(wait=False, cancel_futures=True)
                 raise
     finally:
         bar.close()
-    return results, n_slices
+
+
+class _Assembly:
+    """Collects finished parts in task (manifest-row) order and streams their images into the dataset while later
+    parts are still being made: the parent writes and hashes part k while the workers read the next volumes, so
+    the serial step after the pool is only the tables. Parts that finish early wait for the ones before them."""
+
+    def __init__(self, tasks: list[Task], by_row: dict[int, Source], out: Path, stack: ExitStack):
+        self.tasks, self.by_row, self.out, self.stack = tasks, by_row, out, stack
+        self.position = {t.part_id: i for i, t in enumerate(tasks)}
+        self.results: dict[int, dict | None] = {}
+        self.next = 0
+        self.writer: SliceWriter | None = None
+        self.report: dict[int, dict[str, Any]] = {}
+        self.slices: list[dict] = []
+        self.normalizations: set[str] = set()
+
+    def ready(self, task: Task, res: dict | None) -> None:
+        """Task `task` is finished (`res` is its summary; None for a part reused from an earlier run)."""
+        self.results[self.position[task.part_id]] = res
+        while self.next in self.results:
+            self._take(self.tasks[self.next], self.results.pop(self.next))
+            self.next += 1
+
+    def _take(self, task: Task, res: dict | None) -> None:
+        if res is not None and "failed" in res:
+            for s in task.sources:
+                self.report[s.row] = self._row(s.row, "skipped", res["failed"], 0)
+            return
+        path = task.parts_dir / f"{task.part_id}.npy"
+        meta = read_json(path.with_suffix(".json"))
+        for r in meta["report"]:
+            self.report[r["row"]] = self._row(r["row"], r["status"], r["reason"], r["n_slices"])
+        self.slices.extend(meta["slices"])
+        self.normalizations.update(meta["normalization"])
+        if meta["slices"]:
+            if self.writer is None:
+                self.writer = self.stack.enter_context(SliceWriter(self.out))
+            self.writer.add_file(path, bytes.fromhex(meta["digests"]))
+
+    def _row(self, row: int, status: str, reason: str, n_slices: int) -> dict[str, Any]:
+        source = self.by_row[row].rel
+        return {"manifest_row": row, "source": source, "status": status, "reason": reason, "n_slices": n_slices}
+
+
+def _reusable(parts_dir: Path, pid: str) -> bool:
+    """Whether an earlier run left this part complete and intact (its images match the digests in its JSON)."""
+    meta_path = parts_dir / f"{pid}.json"
+    if not meta_path.is_file():
+        return False
+    try:
+        meta = read_json(meta_path)
+    except ValueError:
+        return False
+    if meta.get("version") != PART_VERSION:
+        return False
+    return not meta["slices"] or part_intact(parts_dir / f"{pid}.npy", bytes.fromhex(meta.get("digests", "")))
 
 
 def _patient_keys(slices: list[dict], by_row: dict[int, Source], pseudonym: Pseudonymizer, cfg: Config) -> list[str]:
     """The pseudonymous patient key of every slice (manifest id, DICOM PatientID, file stem, or duplicate group)."""
+    pseudonym = functools.lru_cache(maxsize=None)(pseudonym)  # one keyed hash per source, not per slice
     keys = [""] * len(slices)
     need_group: list[int] = []
     for i, s in enumerate(slices):
@@ -235,55 +298,55 @@ def run_ingest(
         Task(sources=g, cfg=ic, key=key, root=root, parts_dir=parts_dir, part_id=part_id(g, ic, kid))
         for g in _tasks(sources, ic.images_per_part)
     ]
-    todo = [t for t in tasks if not (parts_dir / f"{t.part_id}.json").is_file()]
+    done_before = {t.part_id for t in tasks if _reusable(parts_dir, t.part_id)}
+    todo = [t for t in tasks if t.part_id not in done_before]
     workers = ic.workers or os.cpu_count() or 1
-    results, _ = _execute(todo, min(workers, len(todo)), progress)
-
-    # Assemble: parts in manifest-row order, slices in volume order.
     by_row = {s.row: s for s in sources}
-    report: dict[int, dict[str, Any]] = {
-        s.row: {"manifest_row": s.row, "source": s.rel, "status": "skipped", "reason": s.reason, "n_slices": 0}
-        for s in skips
-    }
-    slices: list[dict] = []
-    part_files: list[tuple[Path, int]] = []
-    normalizations: set[str] = set()
-    for t in tasks:
-        res = results.get(t.part_id)
-        if res is not None and "failed" in res:
-            for s in t.sources:
-                report[s.row] = {
-                    "manifest_row": s.row,
-                    "source": s.rel,
-                    "status": "skipped",
-                    "reason": res["failed"],
-                    "n_slices": 0,
-                }
-            continue
-        path = parts_dir / f"{t.part_id}.npy"
-        meta = read_json(path.with_suffix(".json"))  # the images are read once, when the dataset is written
-        if meta.get("version") != PART_VERSION:
-            raise ValueError(f"{path} was written by another medgan version; delete {parts_dir} and rerun")
-        for r in meta["report"]:
-            report[r["row"]] = {
-                "manifest_row": r["row"],
-                "source": by_row[r["row"]].rel,
-                "status": r["status"],
-                "reason": r["reason"],
-                "n_slices": r["n_slices"],
-            }
-        slices.extend(meta["slices"])
-        normalizations.update(meta["normalization"])
-        part_files.append((path, len(meta["slices"])))
-    report_rows = [report[k] for k in sorted(report)]
-    n_ok = sum(r["status"] == "ok" for r in report_rows)
-    n_skipped = len(report_rows) - n_ok
-    if not slices:
-        return IngestReport(
-            None, 0, n_ok, n_skipped, report_rows, seconds=time.perf_counter() - t0, n_reused=len(tasks) - len(todo)
-        )
+    with ExitStack() as stack:
+        # Parts stream into the dataset in manifest-row order as they finish; slices in volume order.
+        asm = _Assembly(tasks, by_row, out, stack)
+        for t in tasks:
+            if t.part_id in done_before:
+                asm.ready(t, None)
+        _execute(todo, min(workers, len(todo)), progress, asm.ready)
+        for s in skips:
+            asm.report[s.row] = {"manifest_row": s.row, "source": s.rel, "status": "skipped", "reason": s.reason,
+                                 "n_slices": 0}  # fmt: skip
+        report_rows = [asm.report[k] for k in sorted(asm.report)]
+        n_ok = sum(r["status"] == "ok" for r in report_rows)
+        n_skipped = len(report_rows) - n_ok
+        slices = asm.slices
+        if not slices:
+            return IngestReport(
+                None, 0, n_ok, n_skipped, report_rows, seconds=time.perf_counter() - t0, n_reused=len(tasks) - len(todo)
+            )
+        info = _finish(asm, cfg, report_rows, pseudonym, source_hash, mode, kid)
+    shutil.rmtree(parts_dir, ignore_errors=True)
+    return IngestReport(
+        dataset_path=out,
+        n_slices=info["n_slices"],
+        n_ok=n_ok,
+        n_skipped=n_skipped,
+        report=report_rows,
+        counts=info["counts"],
+        classes=info["classes"],
+        content_hash=info["content_hash"],
+        seconds=time.perf_counter() - t0,
+        n_reused=len(tasks) - len(todo),
+    )
 
-    # Classes, patients and patient-level splits.
+
+def _finish(
+    asm: _Assembly,
+    cfg: Config,
+    report_rows: list[dict],
+    pseudonym: Pseudonymizer,
+    source_hash: str,
+    mode: str,
+    kid: str,
+) -> dict[str, Any]:
+    """Classes, patient keys and patient-level splits for the assembled slices; the dataset's tables and metadata."""
+    ic, slices, by_row = cfg.ingest, asm.slices, asm.by_row
     classes = list(ic.classes) if ic.classes else sorted({s["class_name"] for s in slices})
     index = {c: i for i, c in enumerate(classes)}
     patients = _patient_keys(slices, by_row, pseudonym, cfg)
@@ -311,14 +374,9 @@ def run_ingest(
         for s, p in zip(slices, patients, strict=True)
     ]
 
-    def images():  # parts streamed in order, one in memory at a time
-        for path, n in part_files:
-            if n:
-                yield np.load(path)
-
     meta = {
         "normalization": {
-            "used": sorted(normalizations),
+            "used": sorted(asm.normalizations),
             "ct_window": ic.ct_window,
             "mr_percentiles": list(ic.mr_percentiles),
             "slice_axis": ic.slice_axis,
@@ -335,19 +393,5 @@ def run_ingest(
         },
         "splits_rule": "manifest split, else a stratified hash of the pseudonymous patient key",
     }
-    from medgan.ingest.store import write_dataset
-
-    info = write_dataset(out, images(), rows, classes, meta=meta, report=report_rows)
-    shutil.rmtree(parts_dir, ignore_errors=True)
-    return IngestReport(
-        dataset_path=out,
-        n_slices=len(rows),
-        n_ok=n_ok,
-        n_skipped=n_skipped,
-        report=report_rows,
-        counts=info["counts"],
-        classes=classes,
-        content_hash=info["content_hash"],
-        seconds=time.perf_counter() - t0,
-        n_reused=len(tasks) - len(todo),
-    )
+    assert asm.writer is not None  # noqa: S101 (there are slices, so a part with images was added)
+    return asm.writer.finish(rows, classes, meta=meta, report=report_rows)

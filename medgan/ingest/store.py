@@ -11,7 +11,6 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
-import itertools
 import os
 from collections import Counter
 from collections.abc import Iterable, Sequence
@@ -20,9 +19,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from numpy.lib import format as npformat
 
 from medgan import __version__
-from medgan.io import atomic_dir, atomic_write_json, npy_header, read_json, sha256_array, sha256_array_header
+from medgan.io import atomic_dir, atomic_write_json, npy_header, read_json, sha256_array_header
 
 SCHEMA = "medgan.slices/1"
 SPLITS = ("train", "val", "test")
@@ -60,28 +60,222 @@ def _fmt(v: Any) -> str:
 
 
 def content_hash(images: np.ndarray, slices_csv: str, classes: Sequence[str]) -> str:
-    """SHA-256 over the pixels, the slice table and the class list: equal inputs give equal hashes."""
-    return sha256_array(images, _table_hash(slices_csv, classes)).hexdigest()
+    """SHA-256 over the slice table, the class list, the images' dtype and shape, and the SHA-256 of each image's
+    float16 bytes (`image_digests`): equal inputs give equal hashes.
+
+    Hashing image by image makes the hash independent of how the images were produced or split into pieces, so
+    ingest workers hash the slices they make, in parallel, and the parent only combines the 32-byte digests.
+    """
+    digests = hashlib.sha256()
+    for i in range(0, len(images), 4096):  # pieces: a memory-mapped dataset stays out of RAM
+        digests.update(image_digests(images[i : i + 4096]))
+    return _content_digest(slices_csv, classes, tuple(np.shape(images)), digests.digest())
 
 
-def _table_hash(slices_csv: str, classes: Sequence[str]) -> Any:
-    """The content hash fed with everything but the pixels (which `sha256_array` appends)."""
+def image_digests(images: np.ndarray) -> bytes:
+    """The SHA-256 of each image's float16 bytes (C order), concatenated: 32 bytes per image."""
+    c16 = np.ascontiguousarray(images, dtype=np.float16)
+    return b"".join(hashlib.sha256(memoryview(img).cast("B")).digest() for img in c16)
+
+
+def _content_digest(slices_csv: str, classes: Sequence[str], shape: tuple[int, ...], digests: bytes) -> str:
     h = hashlib.sha256(SCHEMA.encode())
     h.update(("\x1f".join(classes)).encode())
     h.update(slices_csv.encode())
-    return h
+    sha256_array_header(np.float16, tuple(shape), h)
+    h.update(digests)  # the SHA-256 of the concatenated per-image digests
+    return h.hexdigest()
 
 
-def _checked_float16(chunk: np.ndarray, first: int, out: Path) -> np.ndarray:
-    """`chunk` as contiguous float16 (the stored type), after checking every value is in [-1, 1] and not NaN.
+def checked_float16(images: np.ndarray, first: int, where: str | Path) -> np.ndarray:
+    """`images` as contiguous float16 (the stored type), after checking every value is in [-1, 1] and not NaN.
 
     The check reads the float16 bits: |x| <= 1 exactly when the bits without the sign are <= 0x3C00 (1.0), and NaN
     and inf lie above it. One integer pass instead of three float32 reductions.
+
+    Raises:
+        ValueError: a value outside [-1, 1], NaN or inf, naming `where` and the images ``first..first + n``.
     """
-    c16 = np.ascontiguousarray(chunk, dtype=np.float16)
+    c16 = np.ascontiguousarray(images, dtype=np.float16)
     if c16.size and int((c16.view(np.uint16) & 0x7FFF).max()) > 0x3C00:
-        raise ValueError(f"{out}: images {first}..{first + len(c16)} leave [-1, 1] or contain NaN")
+        raise ValueError(f"{where}: images {first}..{first + len(c16)} leave [-1, 1] or contain NaN")
     return c16
+
+
+def part_intact(path: Path, digests: bytes) -> bool:
+    """Whether an ``.npy`` of images written earlier (an ingest part) still holds what `digests` says, in range."""
+    try:
+        images = np.load(path, mmap_mode="r")
+        checked_float16(images, 0, path)
+    except (OSError, ValueError):
+        return False
+    return images.dtype == np.float16 and image_digests(images) == digests
+
+
+def _checked_rows(out: Path, rows: Sequence[dict[str, Any]], classes: Sequence[str]) -> list[dict[str, Any]]:
+    """The rows numbered in order (``row``) with ``class_name`` filled in; a bad split or label raises, naming it."""
+    checked = []
+    for i, r in enumerate(rows):
+        if r.get("split") not in SPLITS:
+            raise ValueError(f"{out}: row {i} has split {r.get('split')!r}; expected one of {SPLITS}")
+        if not 0 <= int(r["label"]) < len(classes):
+            raise ValueError(f"{out}: row {i} has label {r['label']} but there are {len(classes)} classes")
+        checked.append({"class_name": classes[int(r["label"])], **r, "row": i})
+    return checked
+
+
+def _write_all(f: Any, data: bytes | memoryview) -> None:
+    """Write all of `data` to an unbuffered file (a raw write may take only part of it)."""
+    view = memoryview(data).cast("B")
+    while view:
+        view = view[f.write(view) :]
+
+
+def _append_file(f: Any, path: Path, offset: int, size: int) -> None:
+    """Append `size` bytes of `path` from `offset` to the unbuffered file `f`: copy_file_range where the kernel has it
+    (no copy through Python), else reads and writes."""
+    with open(path, "rb", buffering=0) as src:
+        left = size
+        try:
+            while left:
+                n = os.copy_file_range(src.fileno(), f.fileno(), left, offset + size - left)
+                if n == 0:
+                    break
+                left -= n
+        except (AttributeError, OSError):  # not Linux, or a file system that refuses it: plain copy
+            src.seek(offset + size - left)
+            while left and (block := src.read(min(left, 1 << 22))):
+                _write_all(f, block)
+                left -= len(block)
+    if left:
+        raise ValueError(f"{path}: {left} of {size} image bytes missing (a damaged part)")
+
+
+class SliceWriter:
+    """Write a slice dataset in two steps: the images as they come, then the tables (the `write_dataset` contract).
+
+    `add` checks each piece of images, appends it to ``<out>.partial/slices.npy`` and hashes it, so a caller can
+    stream images while it is still producing the rest (ingest writes each finished part while the workers read the
+    next volumes). `finish` writes the tables and metadata with the content hash, and the folder is renamed to `out`
+    when the block ends. Leaving the block without `finish` (an error) keeps ``<out>.partial`` and writes no dataset.
+
+    Example:
+        >>> with SliceWriter("datasets/ct") as w:
+        ...     for part in parts:
+        ...         w.add(part)
+        ...     info = w.finish(rows, ["liver", "kidney"])
+    """
+
+    def __init__(self, out: str | Path):
+        self.out = Path(out)
+        self.n = 0  # images added so far
+        self._resolution = 0
+        self._header = 0
+        self._pixels = hashlib.sha256()
+        self._file: Any = None
+        self._info: dict[str, Any] | None = None
+
+    def __enter__(self) -> SliceWriter:
+        self._ctx = atomic_dir(self.out)
+        self._dir = self._ctx.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> bool | None:
+        if self._file is not None:
+            self._file.close()
+        if exc[0] is None and self._info is None:
+            err = RuntimeError(f"{self.out}: SliceWriter left without finish(); the dataset was not written")
+            self._ctx.__exit__(RuntimeError, err, None)
+            raise err
+        return self._ctx.__exit__(*exc)
+
+    def _open(self, resolution: int) -> None:
+        self._resolution = resolution
+        # The header's length does not depend on N (npy pads it to 64 bytes): reserve it, fill it in at finish.
+        self._header = len(npy_header(np.float16, (10**12, 1, resolution, resolution)))
+        self._file = open(self._dir / "slices.npy", "wb", buffering=0)  # noqa: SIM115 (closed in finish / __exit__)
+        _write_all(self._file, b"\0" * self._header)
+
+    def _check_shape(self, shape: tuple[int, ...]) -> None:
+        if len(shape) != 4 or shape[1] != 1 or shape[2] != shape[3]:
+            raise ValueError(f"{self.out}: images must be [N, 1, R, R], got {shape}")
+        if self._file is None:
+            self._open(int(shape[-1]))
+        elif shape[-1] != self._resolution:
+            raise ValueError(f"{self.out}: images must be [N, 1, R, R] of one size, got {shape}")
+
+    def add(self, images: np.ndarray) -> None:
+        """Check (shape, float16 range), append and hash a piece of images [n, 1, R, R]."""
+        self._check_shape(tuple(images.shape))
+        chunk = checked_float16(images, self.n, self.out)
+        # Plain writes: a memory-mapped output costs a page fault per 4 KB on this path.
+        _write_all(self._file, memoryview(chunk).cast("B"))
+        self._pixels.update(image_digests(chunk))
+        self.n += len(chunk)
+
+    def add_file(self, path: Path, digests: bytes) -> None:
+        """Append the images of a float16 ``.npy`` file already checked by `checked_float16` and hashed by
+        `image_digests` (an ingest part, made by a worker): a kernel-side copy, nothing read into Python."""
+        with open(path, "rb") as src:
+            version = npformat.read_magic(src)
+            if version not in ((1, 0), (2, 0)):
+                raise ValueError(f"{path}: unsupported .npy version {version}")
+            read_header = npformat.read_array_header_1_0 if version == (1, 0) else npformat.read_array_header_2_0
+            shape, fortran, dtype = read_header(src)
+            offset = src.tell()
+        if dtype != np.float16 or fortran or len(digests) != 32 * shape[0]:
+            raise ValueError(f"{path}: not a float16 C-order image part matching its {len(digests) // 32} digests")
+        self._check_shape(tuple(shape))
+        _append_file(self._file, path, offset, int(np.prod(shape)) * 2)
+        self._pixels.update(digests)
+        self.n += int(shape[0])
+
+    def finish(
+        self,
+        rows: Sequence[dict[str, Any]],
+        classes: Sequence[str],
+        meta: dict[str, Any] | None = None,
+        report: Sequence[dict[str, Any]] | None = None,
+        extra_files: dict[str, bytes] | None = None,
+    ) -> dict[str, Any]:
+        """Write the tables, the metadata and the content hash for the images added; see `write_dataset`."""
+        if self._file is None:
+            raise ValueError(f"{self.out}: no images")
+        if self.n != len(rows):
+            raise ValueError(f"{self.out}: {self.n} images but {len(rows)} rows")
+        rows = _checked_rows(self.out, rows, classes)
+        shape = (self.n, 1, self._resolution, self._resolution)
+        header = npy_header(np.float16, shape)
+        assert len(header) == self._header, "npy header length changed"  # noqa: S101 (fixed by the format)
+        self._file.seek(0)
+        _write_all(self._file, header)
+        os.fsync(self._file.fileno())
+        self._file.close()
+        self._file = None
+        slices_csv = _csv_text(COLUMNS, rows)
+        counts: dict[str, dict[str, int]] = {s: dict.fromkeys(classes, 0) for s in SPLITS}
+        for (split, label), n in Counter((r["split"], int(r["label"])) for r in rows).items():
+            counts[split][classes[label]] = n
+        (self._dir / "slices.csv").write_text(slices_csv)
+        (self._dir / "report.csv").write_text(_csv_text(REPORT_COLUMNS, report or []))
+        for name, data in (extra_files or {}).items():
+            (self._dir / name).write_bytes(data)
+        info = {
+            "schema": SCHEMA,
+            "name": self.out.name,
+            "resolution": self._resolution,
+            "value_range": [-1, 1],
+            "classes": list(classes),
+            "n_slices": self.n,
+            "counts": counts,
+            "content_hash": _content_digest(slices_csv, classes, shape, self._pixels.digest()),
+            "synthetic": False,
+            "medgan_version": __version__,
+            **(meta or {}),
+        }
+        atomic_write_json(self._dir / "dataset.json", info)
+        self._info = info
+        return info
 
 
 def write_dataset(
@@ -116,63 +310,11 @@ def write_dataset(
         if len(rows) != len(images):
             raise ValueError(f"{out}: {len(images)} images but {len(rows)} rows")
         images = [images[i : i + 4096] for i in range(0, len(images), 4096)] or [images]  # views, no copies
-    pieces = iter(images)
-    first = next(pieces, None)
-    if first is None:
-        raise ValueError(f"{out}: no images")
-    pieces = itertools.chain([first], pieces)
-    if first.ndim != 4 or first.shape[1] != 1 or first.shape[2] != first.shape[3]:
-        raise ValueError(f"{out}: images must be [N, 1, R, R], got {tuple(first.shape)}")
-    shape = (len(rows), *first.shape[1:])
-    rows = [dict(r, row=i) for i, r in enumerate(rows)]
-    for r in rows:
-        if r.get("split") not in SPLITS:
-            raise ValueError(f"{out}: row {r['row']} has split {r.get('split')!r}; expected one of {SPLITS}")
-        if not 0 <= int(r["label"]) < len(classes):
-            raise ValueError(f"{out}: row {r['row']} has label {r['label']} but there are {len(classes)} classes")
-        r.setdefault("class_name", classes[int(r["label"])])
-    slices_csv = _csv_text(COLUMNS, rows)
-    counts: dict[str, dict[str, int]] = {s: dict.fromkeys(classes, 0) for s in SPLITS}
-    for (split, label), n in Counter((r["split"], int(r["label"])) for r in rows).items():
-        counts[split][classes[label]] = n
-    with atomic_dir(out) as tmp:
-        # Check, write and hash each piece in one pass (the same bytes `content_hash` reads back from the file),
-        # with plain writes: a memory-mapped output costs a page fault per 4 KB on this path.
-        h = sha256_array_header(np.float16, shape, _table_hash(slices_csv, classes))
-        k = 0
-        with open(tmp / "slices.npy", "wb") as f:
-            f.write(npy_header(np.float16, shape))
-            for piece in pieces:
-                if piece.shape[1:] != shape[1:]:
-                    raise ValueError(f"{out}: images must be [N, 1, R, R] of one size, got {tuple(piece.shape)}")
-                chunk = _checked_float16(piece, k, out)
-                f.write(memoryview(chunk).cast("B"))
-                h.update(memoryview(chunk).cast("B"))
-                k += len(chunk)
-            f.flush()
-            os.fsync(f.fileno())
-        if k != len(rows):
-            raise ValueError(f"{out}: {k} images but {len(rows)} rows")
-        digest = h.hexdigest()
-        (tmp / "slices.csv").write_text(slices_csv)
-        (tmp / "report.csv").write_text(_csv_text(REPORT_COLUMNS, report or []))
-        for name, data in (extra_files or {}).items():
-            (tmp / name).write_bytes(data)
-        info = {
-            "schema": SCHEMA,
-            "name": out.name,
-            "resolution": int(shape[-1]),
-            "value_range": [-1, 1],
-            "classes": list(classes),
-            "n_slices": len(rows),
-            "counts": counts,
-            "content_hash": digest,
-            "synthetic": False,
-            "medgan_version": __version__,
-            **(meta or {}),
-        }
-        atomic_write_json(tmp / "dataset.json", info)
-    return info
+    _checked_rows(out, rows, classes)  # before any pixel is written
+    with SliceWriter(out) as w:
+        for piece in images:
+            w.add(piece)
+        return w.finish(rows, classes, meta=meta, report=report, extra_files=extra_files)
 
 
 @dataclass

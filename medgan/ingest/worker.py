@@ -1,8 +1,8 @@
 """One ingest work item (a volume source, or a chunk of 2-D images): read, normalize, write a resumable part file.
 
-Runs inside pool processes. A part is ``<id>.npy`` (images, float16 [n, 1, R, R]) and ``<id>.json`` (per-source report
-rows and per-slice rows with pseudonymous keys only), each written atomically, the JSON last: a part whose JSON exists
-is complete.
+Runs inside pool processes. A part is ``<id>.npy`` (images, float16 [n, 1, R, R], range-checked) and ``<id>.json``
+(per-source report rows, per-slice rows with pseudonymous keys only, and each slice's SHA-256), each written atomically,
+the JSON last: a part whose JSON exists is complete, and its digests tell whether its images are still intact.
 """
 
 from __future__ import annotations
@@ -24,10 +24,11 @@ from medgan.ingest.manifest import Source
 from medgan.ingest.nifti import read_mask, read_nifti
 from medgan.ingest.normalize import Slices, normalize_image2d, normalize_volume
 from medgan.ingest.privacy import Pseudonymizer, perceptual_hash
+from medgan.ingest.store import checked_float16, image_digests
 from medgan.ingest.volume import Volume
 from medgan.io import atomic_write_json, atomic_write_npy
 
-PART_VERSION = 2  # 2: <id>.npy + <id>.json (1 was one .npz)
+PART_VERSION = 3  # 3: per-slice digests in the .json; 2: <id>.npy + <id>.json; 1: one .npz
 # Config fields that change what a part holds; workers/splits/seed only affect scheduling and assembly.
 _ASSEMBLY_ONLY = ("workers", "split_fractions", "seed", "images_per_part", "dedup_max_distance")
 
@@ -232,9 +233,13 @@ def run_task(task: Task) -> dict[str, Any]:
             used |= u
     finally:
         torch.set_num_threads(threads)
+    path = task.parts_dir / f"{task.part_id}.npy"
     arr = np.concatenate(images) if images else np.zeros((0, 1, res, res), np.float16)
-    meta = {"version": PART_VERSION, "report": reports, "slices": rows, "normalization": sorted(used)}
+    arr = checked_float16(arr, 0, path)
+    # The range check and the per-slice hashes are done here, in parallel, so the parent only copies the bytes.
+    meta = {"version": PART_VERSION, "report": reports, "slices": rows, "normalization": sorted(used),
+            "digests": image_digests(arr).hex()}  # fmt: skip
     # Pixels first, metadata last: the .json is the part's completion marker (see run_ingest's resume).
-    atomic_write_npy(task.parts_dir / f"{task.part_id}.npy", arr.astype(np.float16, copy=False))
-    atomic_write_json(task.parts_dir / f"{task.part_id}.json", meta)
+    atomic_write_npy(path, arr)
+    atomic_write_json(task.parts_dir / f"{task.part_id}.json", meta, compact=True)
     return {"n_slices": len(rows), "report": reports}

@@ -252,3 +252,37 @@ def test_folder_of_odd_dicom_objects_lands_every_readable_image(shared_data, tmp
     volumes = set(SliceDataset.open(tmp_path / "odd").column("volume"))
     assert report.n_slices >= 40 and len(volumes) >= 8
     assert "not used" in row["reason"]  # the truncated file is reported, not silently dropped
+
+
+def test_a_damaged_part_is_redone_on_resume(nifti_root, tmp_path, monkeypatch):
+    """A part whose images no longer match its digests (zeroed by a crash before the disk caught up) is read again."""
+    manifest = _write_manifest(
+        nifti_root / "two_damaged.csv",
+        [
+            {"source": "ts/example_mr_sm.nii.gz", "label": "mr", "modality": "MR"},
+            {"source": "ts/example_ct_sm.nii.gz", "label": "ct", "modality": "CT"},
+        ],
+    )
+    reads: list[str] = []
+    real = worker.read_nifti
+
+    def counting(path, **kw):
+        reads.append(Path(path).name)
+        if len(reads) == 2 and interrupt:
+            raise KeyboardInterrupt
+        return real(path, **kw)
+
+    monkeypatch.setattr(worker, "read_nifti", counting)
+    out, key = tmp_path / "ds", tmp_path / "k.key"
+    interrupt = True
+    with pytest.raises(KeyboardInterrupt):
+        run_ingest(_cfg(), out, manifest=manifest, key_file=key, progress=False)
+    (part,) = (tmp_path / "ds.parts").glob("*.npy")
+    images = np.load(part)
+    np.save(part, np.zeros_like(images))  # right size and a valid range, wrong content
+    interrupt, reads[:] = False, []
+    rep = run_ingest(_cfg(), out, manifest=manifest, key_file=key, progress=False)
+    assert reads == ["example_mr_sm.nii.gz", "example_ct_sm.nii.gz"] and rep.n_reused == 0
+    clean = run_ingest(_cfg(), tmp_path / "clean", manifest=manifest, key_file=key, progress=False)
+    assert rep.content_hash == clean.content_hash
+    np.testing.assert_array_equal(SliceDataset.open(out).images, SliceDataset.open(tmp_path / "clean").images)
