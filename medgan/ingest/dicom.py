@@ -29,11 +29,13 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import numpy as np
 import pydicom
 from nibabel import orientations
+from pydicom.datadict import dictionary_VR, tag_for_keyword
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.pixels import apply_color_lut, apply_modality_lut, get_decoder
@@ -197,9 +199,9 @@ def _stored_dtype(ds: Dataset) -> np.dtype | None:
     any other layout (colour, 1-bit, 32-bit, unreadable attributes)."""
     try:
         spp, bits, signed = (
-            int(ds.get("SamplesPerPixel", 1)),
-            int(ds.BitsAllocated),
-            int(ds.get("PixelRepresentation", 0)),
+            int(_value(ds, "SamplesPerPixel", 1)),
+            int(_value(ds, "BitsAllocated")),
+            int(_value(ds, "PixelRepresentation", 0)),
         )
     except (AttributeError, TypeError, ValueError):
         return None
@@ -211,12 +213,12 @@ def _stored_dtype(ds: Dataset) -> np.dtype | None:
 def _native_layout(ds: Dataset) -> tuple[np.dtype, tuple[int, ...], int] | None:
     """(dtype, array shape, unused high bits) of uncompressed little-endian Pixel Data that numpy can view directly;
     None when pydicom's decoders must handle it. The shape is pydicom's: (rows, cols), or (frames, rows, cols)."""
-    if ds.file_meta.TransferSyntaxUID not in (ExplicitVRLittleEndian, ImplicitVRLittleEndian):
+    if _value(ds.file_meta, "TransferSyntaxUID") not in (ExplicitVRLittleEndian, ImplicitVRLittleEndian):
         return None
     dtype = _stored_dtype(ds)
     try:
-        allocated, rows, cols = int(ds.BitsAllocated), int(ds.Rows), int(ds.Columns)
-        stored, frames = int(ds.get("BitsStored") or allocated), int(ds.get("NumberOfFrames") or 1)
+        allocated, rows, cols = int(_value(ds, "BitsAllocated")), int(_value(ds, "Rows")), int(_value(ds, "Columns"))
+        stored, frames = int(_value(ds, "BitsStored") or allocated), int(_value(ds, "NumberOfFrames") or 1)
     except (AttributeError, TypeError, ValueError):
         return None
     if dtype is None or not 0 < stored <= allocated:
@@ -270,6 +272,51 @@ def _native(ds: Dataset, value: bytes | memoryview) -> np.ndarray | None:
     return _correct_unused_bits(arr.copy(), unused) if unused else arr
 
 
+# Converted element values by (tag, VR, raw bytes, encoding): see `_value`. Cleared when it grows past _CONVERTED_MAX.
+_converted: dict[tuple, Any] = {}
+_CONVERTED_MAX = 1 << 16
+# VRs whose conversion depends only on the bytes and the encoding (not the character set) and gives a plain value.
+_CACHEABLE_VRS = frozenset({"US", "SS", "UL", "SL", "FL", "FD", "DS", "IS", "CS", "UI", "AS", "DA", "TM"})
+
+
+@functools.lru_cache(maxsize=512)
+def _tag(keyword: str) -> tuple[int, bool]:
+    """(tag, whether its values may be cached by `_value`) of a DICOM keyword."""
+    tag = tag_for_keyword(keyword)
+    if tag is None:
+        raise KeyError(f"unknown DICOM keyword {keyword}")
+    return tag, dictionary_VR(tag) in _CACHEABLE_VRS
+
+
+def _value(ds: Dataset, keyword: str, default: Any = None) -> Any:
+    """``ds.get(keyword, default)``, converting each distinct raw value once per process.
+
+    pydicom converts an element on first access, at 10-20 us each: more than parsing the header. The files of a
+    series repeat most values byte for byte (size, orientation, spacing, bit depth, rescale, UIDs), so a value is
+    reused across files when its tag, VR, raw bytes and encoding are equal. Only VRs whose conversion depends on
+    nothing else are cached (numbers, code strings, UIDs, dates). Cached values are shared: never modify them.
+    """
+    tag, cacheable = _tag(keyword)
+    elem = ds.get_item(tag)
+    if elem is None:
+        return default
+    if not cacheable or not isinstance(elem, RawDataElement):
+        return ds[tag].value
+    key = (tag, elem.VR, elem.value, elem.is_implicit_VR, elem.is_little_endian)
+    value = _converted.get(key, _converted)
+    if value is _converted:
+        value = ds[tag].value
+        if len(_converted) >= _CONVERTED_MAX:
+            _converted.clear()
+        _converted[key] = value
+    return value
+
+
+def _has(ds: Dataset, keyword: str) -> bool:
+    """``bool(ds.get(keyword))`` without converting an absent element (functional groups, LUT sequences)."""
+    return ds.get_item(_tag(keyword)[0]) is not None and bool(ds.get(keyword))
+
+
 def _fg(ds: Dataset, frame: int, name: str) -> Dataset | None:
     """Functional group item `name` for a frame: the per-frame one, else the shared one, else None."""
     for seq_name, idx in (("PerFrameFunctionalGroupsSequence", frame), ("SharedFunctionalGroupsSequence", 0)):
@@ -281,8 +328,9 @@ def _fg(ds: Dataset, frame: int, name: str) -> Dataset | None:
 
 def _orientation(ds: Dataset) -> list[float] | None:
     """ImageOrientationPatient of the file, top-level or from the plane orientation functional group."""
-    if ds.get("ImageOrientationPatient"):
-        return [float(v) for v in ds.ImageOrientationPatient]
+    iop = _value(ds, "ImageOrientationPatient")
+    if iop:
+        return [float(v) for v in iop]
     item = _fg(ds, 0, "PlaneOrientationSequence")
     return [float(v) for v in item.ImageOrientationPatient] if item is not None else None
 
@@ -296,9 +344,9 @@ def _text(ds: Dataset, keyword: str) -> str:
 
 def _not_image(ds: Dataset) -> str | None:
     """Reason a header is not an image we can use (RT objects, SR, SEG, waveforms, presentation states...)."""
-    sop = ds.get("SOPClassUID")
+    sop = _value(ds, "SOPClassUID")
     name = _sop_name(str(sop)) if isinstance(sop, UID) else ""
-    if (name and "Image Storage" not in name) or not (ds.get("Rows") and ds.get("Columns")):
+    if (name and "Image Storage" not in name) or not (_value(ds, "Rows") and _value(ds, "Columns")):
         return f"not an image: {name or 'unknown SOP class'} ({_text(ds, 'Modality') or '?'})"
     return None
 
@@ -311,13 +359,22 @@ def _sop_name(uid: str) -> str:
 
 
 def _quiet(fn: Callable) -> Callable:
-    """Silence pydicom's warnings inside `fn`: they can quote file names and element values (UIDs)."""
+    """Silence pydicom's warnings inside `fn`: they can quote file names and element values (UIDs).
+
+    pydicom's value validation on reading only ever warns, so it is switched off too: it is silenced anyway, and it
+    costs as much as the rest of a header's conversion. A value pydicom cannot convert at all still raises.
+    """
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        mode = pydicom.config.settings.reading_validation_mode
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            return fn(*args, **kwargs)
+            pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                pydicom.config.settings.reading_validation_mode = mode
 
     return wrapper
 
@@ -368,7 +425,7 @@ def discover_series(source: Path, min_series_slices: int = 4) -> tuple[list[Seri
         try:
             with open(path, "rb") as fp:  # one open per file: header, then the Pixel Data check
                 ds, offset = _parse(fp, header_only=True)
-                tsuid = ds.file_meta.TransferSyntaxUID
+                tsuid = _value(ds.file_meta, "TransferSyntaxUID")
                 if tsuid not in decodable:
                     decodable[tsuid] = _decoder_problem(tsuid)
                 reason = _not_image(ds) or decodable[tsuid] or _pixel_problem(fp, ds, offset)
@@ -382,8 +439,8 @@ def discover_series(source: Path, min_series_slices: int = 4) -> tuple[list[Seri
             skips.append(Skip(path, reason))
             continue
         iop = _orientation(ds)
-        geom = (tuple(np.round(iop, 3)) if iop else None, int(ds.Rows), int(ds.Columns))
-        uid = str(ds.get("SeriesInstanceUID") or "")
+        geom = (tuple(np.round(iop, 3)) if iop else None, int(_value(ds, "Rows")), int(_value(ds, "Columns")))
+        uid = str(_value(ds, "SeriesInstanceUID") or "")
         if not uid:
             parts = [_text(ds, "FrameOfReferenceUID"), *map(str, geom), _text(ds, "SeriesDescription")]
             uid = "fallback:" + hashlib.sha256("|".join([*parts, _text(ds, "SeriesNumber")]).encode()).hexdigest()
@@ -401,7 +458,7 @@ def discover_series(source: Path, min_series_slices: int = 4) -> tuple[list[Seri
         n_per_uid[uid] = n_per_uid.get(uid, 0) + 1
     for (uid, geom, single), members in groups.items():
         first = members[0][1]
-        n = sum(int(m[1].get("NumberOfFrames") or 1) for m in members)
+        n = sum(int(_value(m[1], "NumberOfFrames") or 1) for m in members)
         positions = np.sort(np.concatenate([m[2] for m in members]))
         # Frames at one position (echoes, time points, copies) count once: the scout rule is about spatial extent.
         n_unique = n if np.isnan(positions).any() else int(1 + (np.diff(positions) >= _DUP_TOL_MM).sum())
@@ -441,10 +498,12 @@ class _Frame:
 
 def _frames(ds: Dataset, index: int) -> list[_Frame]:
     """Per-frame geometry and value transform of one file (classic single-frame or enhanced multi-frame)."""
-    n = int(ds.get("NumberOfFrames") or 1)
-    if not (ds.get("PerFrameFunctionalGroupsSequence") or ds.get("SharedFunctionalGroupsSequence")):
-        spacing = next((s for s in (ds.get("PixelSpacing"), ds.get("ImagerPixelSpacing")) if s and min(s) > 0), (1, 1))
-        ipp = np.array(ds.ImagePositionPatient, float) if ds.get("ImagePositionPatient") and n == 1 else None
+    n = int(_value(ds, "NumberOfFrames") or 1)
+    if not (_has(ds, "PerFrameFunctionalGroupsSequence") or _has(ds, "SharedFunctionalGroupsSequence")):
+        spacing = next((s for s in (_value(ds, "PixelSpacing"), _value(ds, "ImagerPixelSpacing")) if s and min(s) > 0),
+                       (1, 1))  # fmt: skip
+        ipp = _value(ds, "ImagePositionPatient")
+        ipp = np.array(ipp, float) if ipp and n == 1 else None
         return [_Frame(index, None if n == 1 else f, ipp, tuple(map(float, spacing)), ds) for f in range(n)]
     out = []
     for f in range(n):
@@ -472,7 +531,7 @@ def _decode(ds: Dataset, path: Path) -> np.ndarray:
 
 def _to_float(raw: np.ndarray, ds: Dataset, item: Dataset, out: np.ndarray) -> None:
     """Write one frame's physical values into `out` (float32): colour to luminance, modality LUT, MONOCHROME1."""
-    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip()
+    photometric = str(_value(ds, "PhotometricInterpretation", "MONOCHROME2")).strip()
     if photometric in _COLOUR:
         rgb = apply_color_lut(raw, ds) if photometric == "PALETTE COLOR" else raw
         np.matmul(rgb, _LUMA, out=out, casting="unsafe")
@@ -505,15 +564,15 @@ def _stored_layout(datasets: list[Dataset], frames: list[_Frame]) -> tuple[np.dt
     """
     dtypes = set()
     for ds in datasets:
-        if ds is None or str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip() != "MONOCHROME2":
+        if ds is None or str(_value(ds, "PhotometricInterpretation", "MONOCHROME2")).strip() != "MONOCHROME2":
             return None
         dtypes.add(_stored_dtype(ds))
     scales = set()
     for f in frames:
         item = f.rescale if f.rescale is not None else datasets[f.file]
-        if item.get("ModalityLUTSequence"):
+        if _has(item, "ModalityLUTSequence"):
             return None
-        scales.add((float(item.get("RescaleSlope", 1) or 1), float(item.get("RescaleIntercept", 0) or 0)))
+        scales.add((float(_value(item, "RescaleSlope", 1) or 1), float(_value(item, "RescaleIntercept", 0) or 0)))
     if len(dtypes) != 1 or None in dtypes or len(scales) != 1:
         return None
     (slope, intercept) = scales.pop()
@@ -585,7 +644,7 @@ def read_series(series: SeriesRef, pseudonym: Callable[[str], str]) -> Volume:
     patient, photometric = _patient(first, pseudonym), str(first.get("PhotometricInterpretation", "")).strip()
     iops = [_orientation(ds) for ds in datasets]
     geometric = all(iop is not None for iop in iops) and all(f.ipp is not None for f in frames)
-    rows, cols = int(first.Rows), int(first.Columns)
+    rows, cols = int(_value(first, "Rows")), int(_value(first, "Columns"))
     if geometric:
         iop = np.array(iops[0])
         if any(np.abs(np.array(o) - iop).max() > 1e-3 for o in iops):
@@ -598,7 +657,7 @@ def read_series(series: SeriesRef, pseudonym: Callable[[str], str]) -> Volume:
     else:
         keep, step = np.arange(len(frames)), 1.0
         notes.append("no patient geometry: frames kept in stored order, orientation as stored")
-    if any(ds.get("NumberOfFrames") for ds in datasets) and len(frames) > 1:
+    if any(_value(ds, "NumberOfFrames") for ds in datasets) and len(frames) > 1:
         notes.append(f"multi-frame: {len(keep)} slices from {len(frames)} frames")
 
     # Decode file by file into one stack [slices, rows, cols]; each file's pixels are released after use. Greyscale
@@ -621,7 +680,7 @@ def read_series(series: SeriesRef, pseudonym: Callable[[str], str]) -> Volume:
             raw = loaded if isinstance(loaded, np.ndarray) else _decode(loaded, path)
         else:
             raw = _decode(ds, path)
-        frame_shape = raw.shape[-2:] if int(ds.get("SamplesPerPixel", 1)) == 1 else raw.shape[-3:-1]
+        frame_shape = raw.shape[-2:] if int(_value(ds, "SamplesPerPixel", 1)) == 1 else raw.shape[-3:-1]
         if frame_shape != (rows, cols):
             raise ValueError(f"image size differs within the series (expected {rows}x{cols})")
         for s, f in wanted:
