@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
+import torch.nn.functional as F
 
 from medgan.config import IngestConfig
 from medgan.ingest.nifti import read_mask, read_nifti
 from medgan.ingest.normalize import (
     WINDOWS_HU,
+    box_mean,
     normalize_image2d,
     normalize_volume,
     parse_window,
+    resize,
     window_to_unit,
 )
 from medgan.ingest.volume import Volume
@@ -171,3 +175,13 @@ def test_many_slices_without_resize_keep_their_own_pixels():
     assert s.images.shape == (n, 1, 256, 256)
     hu = np.arange(n) * 10 - 424.0
     np.testing.assert_allclose(s.images[:, 0, 100, 100].astype(np.float32), hu / 1000.0, atol=2e-3)
+
+
+@pytest.mark.parametrize(("shape", "fr", "fc"), [((3, 1, 512, 512), 4, 4), ((2, 1, 12, 18), 3, 2), ((2, 1, 8, 8), 1, 4),
+                                                 ((2, 1, 8, 8), 4, 1), ((1, 1, 1024, 512), 8, 4)])  # fmt: skip
+def test_box_mean_is_avg_pool(shape, fr, fc):
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(0)) * 1000
+    out = box_mean(x, fr, fc)
+    torch.testing.assert_close(out, F.avg_pool2d(x, (fr, fc)), rtol=1e-6, atol=1e-4)
+    assert out.untyped_storage().data_ptr() != x.untyped_storage().data_ptr()  # never a view of the input
+    assert resize(x, (shape[2] // fr, shape[3] // fc)).shape == out.shape
