@@ -119,43 +119,59 @@ def test_same_inputs_same_hash(nifti_root, tmp_path):
     assert c.content_hash != a.content_hash  # and the rerun replaced "a" in place
 
 
-def test_resume_after_interruption_does_not_redo_finished_sources(nifti_root, tmp_path, monkeypatch):
-    manifest = _write_manifest(
-        nifti_root / "two.csv",
+class _Interrupting:
+    """Counts NIfTI reads in the workers (run in-process) and, while `interrupt` is set, raises KeyboardInterrupt at
+    the second read: the user pressed Ctrl-C while the 2nd volume was being read."""
+
+    def __init__(self, monkeypatch):
+        self.reads: list[str] = []
+        self.interrupt = True
+        real = worker.read_nifti
+
+        def counting(path, **kw):
+            self.reads.append(Path(path).name)
+            if len(self.reads) == 2 and self.interrupt:
+                raise KeyboardInterrupt
+            return real(path, **kw)
+
+        monkeypatch.setattr(worker, "read_nifti", counting)
+
+    def arm(self, interrupt: bool) -> None:
+        """Forget the reads so far; interrupt the next run's second read or not."""
+        self.interrupt, self.reads[:] = interrupt, []
+
+
+def _two_volumes(nifti_root: Path, name: str) -> Path:
+    return _write_manifest(
+        nifti_root / name,
         [
             {"source": "ts/example_mr_sm.nii.gz", "label": "mr", "modality": "MR"},
             {"source": "ts/example_ct_sm.nii.gz", "label": "ct", "modality": "CT"},
         ],
     )
-    reads: list[str] = []
-    real = worker.read_nifti
 
-    def counting(path, **kw):
-        reads.append(Path(path).name)
-        if len(reads) == 2 and interrupt:
-            raise KeyboardInterrupt  # the user pressed Ctrl-C while the 2nd volume was being read
-        return real(path, **kw)
 
-    monkeypatch.setattr(worker, "read_nifti", counting)
+def test_resume_after_interruption_does_not_redo_finished_sources(nifti_root, tmp_path, monkeypatch):
+    manifest = _two_volumes(nifti_root, "two.csv")
+    state = _Interrupting(monkeypatch)
     out, key = tmp_path / "ds", tmp_path / "k.key"
-    interrupt = True
     with pytest.raises(KeyboardInterrupt):
         run_ingest(_cfg(), out, manifest=manifest, key_file=key, progress=False)
     assert len(list((tmp_path / "ds.parts").glob("*.json"))) == 1 and not out.exists()
-    interrupt, reads[:] = False, []
+    state.arm(False)
     rep = run_ingest(_cfg(), out, manifest=manifest, key_file=key, progress=False)
-    assert reads == ["example_ct_sm.nii.gz"] and rep.n_reused == 1  # the finished MR volume was not read again
+    assert state.reads == ["example_ct_sm.nii.gz"] and rep.n_reused == 1  # the finished MR volume was not read again
     clean = run_ingest(_cfg(), tmp_path / "clean", manifest=manifest, key_file=key, progress=False)
     assert rep.content_hash == clean.content_hash
     assert not (tmp_path / "ds.parts").exists()  # parts are removed once the dataset is complete
     # Interrupt again, then touch the finished file: its part is stale and is redone.
-    interrupt, reads[:] = True, []
+    state.arm(True)
     with pytest.raises(KeyboardInterrupt):
         run_ingest(_cfg(), tmp_path / "again", manifest=manifest, key_file=key, progress=False)
     os.utime(nifti_root / "ts/example_mr_sm.nii.gz", ns=(1_000_000_000, 1_000_000_000))
-    interrupt, reads[:] = False, []
+    state.arm(False)
     rep = run_ingest(_cfg(), tmp_path / "again", manifest=manifest, key_file=key, progress=False)
-    assert reads == ["example_mr_sm.nii.gz", "example_ct_sm.nii.gz"] and rep.n_reused == 0
+    assert state.reads == ["example_mr_sm.nii.gz", "example_ct_sm.nii.gz"] and rep.n_reused == 0
 
 
 def test_folder_of_classes_keeps_duplicates_in_one_split(shared_data, tmp_path):
@@ -256,33 +272,17 @@ def test_folder_of_odd_dicom_objects_lands_every_readable_image(shared_data, tmp
 
 def test_a_damaged_part_is_redone_on_resume(nifti_root, tmp_path, monkeypatch):
     """A part whose images no longer match its digests (zeroed by a crash before the disk caught up) is read again."""
-    manifest = _write_manifest(
-        nifti_root / "two_damaged.csv",
-        [
-            {"source": "ts/example_mr_sm.nii.gz", "label": "mr", "modality": "MR"},
-            {"source": "ts/example_ct_sm.nii.gz", "label": "ct", "modality": "CT"},
-        ],
-    )
-    reads: list[str] = []
-    real = worker.read_nifti
-
-    def counting(path, **kw):
-        reads.append(Path(path).name)
-        if len(reads) == 2 and interrupt:
-            raise KeyboardInterrupt
-        return real(path, **kw)
-
-    monkeypatch.setattr(worker, "read_nifti", counting)
+    manifest = _two_volumes(nifti_root, "two_damaged.csv")
+    state = _Interrupting(monkeypatch)
     out, key = tmp_path / "ds", tmp_path / "k.key"
-    interrupt = True
     with pytest.raises(KeyboardInterrupt):
         run_ingest(_cfg(), out, manifest=manifest, key_file=key, progress=False)
     (part,) = (tmp_path / "ds.parts").glob("*.npy")
     images = np.load(part)
     np.save(part, np.zeros_like(images))  # right size and a valid range, wrong content
-    interrupt, reads[:] = False, []
+    state.arm(False)
     rep = run_ingest(_cfg(), out, manifest=manifest, key_file=key, progress=False)
-    assert reads == ["example_mr_sm.nii.gz", "example_ct_sm.nii.gz"] and rep.n_reused == 0
+    assert state.reads == ["example_mr_sm.nii.gz", "example_ct_sm.nii.gz"] and rep.n_reused == 0
     clean = run_ingest(_cfg(), tmp_path / "clean", manifest=manifest, key_file=key, progress=False)
     assert rep.content_hash == clean.content_hash
     np.testing.assert_array_equal(SliceDataset.open(out).images, SliceDataset.open(tmp_path / "clean").images)
