@@ -98,6 +98,12 @@ def _tasks(sources: list[Source], per_part: int) -> list[list[Source]]:
     return out
 
 
+def largest_first(tasks: list[Task]) -> list[Task]:
+    """The pool's submission order: largest sources first (manifest order among equals), so a run does not end with
+    one worker busy on a big volume while the others wait. Parts are still assembled in manifest order."""
+    return sorted(tasks, key=lambda t: -t.size)
+
+
 def _worker_init() -> None:
     import torch
 
@@ -131,7 +137,7 @@ def _execute(tasks: list[Task], workers: int, progress: bool, on_done: Callable[
         # OpenMP pool is used after the fork. Elsewhere (macOS, Windows) spawn is the safe default.
         method = "fork" if sys.platform.startswith("linux") else "spawn"
         with ProcessPoolExecutor(workers, mp_context=mp.get_context(method), initializer=_worker_init) as pool:
-            futures = {pool.submit(run_task, t): t for t in tasks}
+            futures = {pool.submit(run_task, t): t for t in largest_first(tasks)}
             pending = set(futures)
             try:
                 while pending:
@@ -294,10 +300,10 @@ def run_ingest(
     parts_dir = out.with_name(out.name + ".parts")
     parts_dir.mkdir(parents=True, exist_ok=True)
     kid = key_id(key)
-    tasks = [
-        Task(sources=g, cfg=ic, key=key, root=root, parts_dir=parts_dir, part_id=part_id(g, ic, kid))
-        for g in _tasks(sources, ic.images_per_part)
-    ]
+    tasks = []
+    for group in _tasks(sources, ic.images_per_part):
+        pid, size = part_id(group, ic, kid)
+        tasks.append(Task(sources=group, cfg=ic, key=key, root=root, parts_dir=parts_dir, part_id=pid, size=size))
     done_before = {t.part_id for t in tasks if _reusable(parts_dir, t.part_id)}
     todo = [t for t in tasks if t.part_id not in done_before]
     workers = ic.workers or os.cpu_count() or 1

@@ -43,33 +43,40 @@ class Task:
     root: Path
     parts_dir: Path
     part_id: str
+    size: int = 0  # bytes of its sources: largest first keeps a worker from starting a big volume last
 
 
-def _stats(path: Path | None) -> list[str]:
-    """Size and mtime of a file, or of every file under a folder (sorted): what a part's freshness depends on."""
+def _stats(path: Path | None) -> tuple[list[str], int]:
+    """Size and mtime of a file, or of every file under a folder (sorted): what a part's freshness depends on; and
+    the total size in bytes."""
     if path is None:
-        return []
+        return [], 0
     if path.is_file():
         st = path.stat()
-        return [f"{st.st_size}:{st.st_mtime_ns}"]
-    out = []
+        return [f"{st.st_size}:{st.st_mtime_ns}"], st.st_size
+    out, total = [], 0
     for dirpath, dirnames, files in os.walk(path):
         dirnames.sort()
         for f in sorted(files):
             st = os.stat(os.path.join(dirpath, f))
             out.append(f"{os.path.relpath(os.path.join(dirpath, f), path)}:{st.st_size}:{st.st_mtime_ns}")
-    return out
+            total += st.st_size
+    return out, total
 
 
-def part_id(sources: list[Source], cfg: IngestConfig, key_fingerprint: str) -> str:
-    """A stable id for a work item: its rows, the files' sizes and mtimes, the relevant config and the key id."""
+def part_id(sources: list[Source], cfg: IngestConfig, key_fingerprint: str) -> tuple[str, int]:
+    """A stable id for a work item (its rows, the files' sizes and mtimes, the relevant config and the key id), and
+    the bytes its sources hold: the scheduler's estimate of its work."""
     conf = {k: v for k, v in to_dict(cfg).items() if k not in _ASSEMBLY_ONLY}
     h = hashlib.sha256(f"medgan-part/{PART_VERSION}/{key_fingerprint}/".encode())
     h.update(json.dumps(conf, sort_keys=True).encode())
+    total = 0
     for s in sources:
         fields = [s.row, s.rel, s.kind, s.label, s.modality, s.window, str(s.mask is not None)]
-        h.update(json.dumps([fields, _stats(s.path), _stats(s.mask)]).encode())
-    return h.hexdigest()[:24]
+        (files, size), (mask_files, _) = _stats(s.path), _stats(s.mask)
+        h.update(json.dumps([fields, files, mask_files]).encode())
+        total += size
+    return h.hexdigest()[:24], total
 
 
 def _reason(e: BaseException, src: Source, root: Path) -> str:

@@ -286,3 +286,24 @@ def test_a_damaged_part_is_redone_on_resume(nifti_root, tmp_path, monkeypatch):
     clean = run_ingest(_cfg(), tmp_path / "clean", manifest=manifest, key_file=key, progress=False)
     assert rep.content_hash == clean.content_hash
     np.testing.assert_array_equal(SliceDataset.open(out).images, SliceDataset.open(tmp_path / "clean").images)
+
+
+def test_the_pool_gets_the_largest_sources_first(nifti_root, tmp_path):
+    """Work items carry their sources' bytes; the pool starts the biggest first, ties in manifest order."""
+    from medgan.ingest import _tasks, largest_first
+    from medgan.ingest.manifest import read_manifest
+    from medgan.ingest.worker import Task, part_id
+
+    names = ("example_mr_sm.nii.gz", "example_ct_sm.nii.gz")
+    rows = [{"source": f"ts/{n}", "label": "x", "modality": "CT"} for n in names]
+    manifest = _write_manifest(nifti_root / "sizes.csv", rows * 2)
+    cfg = _cfg().ingest
+    sources, _, _ = read_manifest(manifest, nifti_root, cfg)
+    tasks = []
+    for group in _tasks(sources, cfg.images_per_part):
+        pid, size = part_id(group, cfg, "k")
+        assert size == sum(s.path.stat().st_size for s in group)
+        tasks.append(Task(group, cfg, b"k" * 32, nifti_root, tmp_path, pid, size))
+    order = [t.sources[0].row for t in largest_first(tasks)]
+    big, small = (2, 1) if tasks[1].size > tasks[0].size else (1, 2)
+    assert order == [big, big + 2, small, small + 2]
