@@ -9,8 +9,8 @@ use of every buffer), the median of the others as the headline ``slices_per_s`` 
 warm). medgan's process also times the floor under its reader right after each run (the bare gunzip of a
 ``.nii.gz``, pydicom's bare header parse of a DICOM folder), so the fraction of that floor is measured on one machine
 state even on a noisy VM. Also: the bare gzip decode rate (stdlib and isal), pydicom's bare header-parse rate, normalize
-+ resize alone
-(ms/slice), and `run_ingest` with 1 vs 2 workers on enough volumes that the serial assembly step does not dominate.
++ resize alone (ms/slice), and `run_ingest` with 1 vs 2 workers on 12 volumes (one manifest row each) and on one row
+holding a DICOM tree of 12 series (1,200 files: its header scan and series are spread over the workers).
 Results are merged into ``benchmarks/results/cpu.json`` under ``"ingest"`` (other keys are kept).
 
 Usage:
@@ -263,30 +263,48 @@ def machine_scaling(nii: Path, n: int = 6) -> float:
     return round(best[1] / best[2], 2)
 
 
-def workers_scaling(nii: Path, tmp: Path, copies: int, rounds: int = 3) -> dict:
+def _one_vs_two(manifest: Path, tmp: Path, rounds: int) -> dict:
+    """run_ingest with 1 and 2 workers, interleaved 1, 2, 1, 2: best of each (other tenants only slow a run down)."""
     from medgan.config import load_config
     from medgan.ingest import run_ingest
 
-    for i in range(copies):
-        link = tmp / f"copy{i}.nii.gz"
-        if not link.exists():
-            link.symlink_to(nii)
-    manifest = tmp / "m.csv"
-    manifest.write_text("source,label,modality\n" + "".join(f"copy{i}.nii.gz,ct,CT\n" for i in range(copies)))
-    out: dict = {"volumes": copies, "rounds": rounds}
-    best = {1: 0.0, 2: 0.0}
-    for _ in range(rounds):  # interleaved 1, 2, 1, 2: best of each (other tenants only ever slow a run down)
+    best, items = {1: 0.0, 2: 0.0}, {}
+    for _ in range(rounds):
         for w in (1, 2):
             cfg = load_config(sets=[f"ingest.workers={w}", "ingest.min_foreground_fraction=0"])
             shutil.rmtree(tmp / f"ds{w}", ignore_errors=True)
             t0 = time.perf_counter()
             rep = run_ingest(cfg, tmp / f"ds{w}", manifest=manifest, key_file=tmp / "k.key", progress=False)
             best[w] = max(best[w], rep.n_slices / (time.perf_counter() - t0))
-    for w in (1, 2):
-        out[f"workers_{w}_slices_per_s"] = round(best[w], 1)
-    out["speedup_2_vs_1"] = round(out["workers_2_slices_per_s"] / out["workers_1_slices_per_s"], 2)
+            items[w] = rep.n_items
+    out = {f"workers_{w}_slices_per_s": round(best[w], 1) for w in (1, 2)}
+    out["work_items_1_2"] = [items[1], items[2]]
+    out["speedup_2_vs_1"] = round(best[2] / best[1], 2)
+    return out
+
+
+def workers_scaling(nii: Path, tmp: Path, copies: int, rounds: int = 3) -> dict:
+    """12 .nii.gz volumes, one manifest row each: the usual case."""
+    for i in range(copies):
+        link = tmp / f"copy{i}.nii.gz"
+        if not link.exists():
+            link.symlink_to(nii)
+    manifest = tmp / "m.csv"
+    manifest.write_text("source,label,modality\n" + "".join(f"copy{i}.nii.gz,ct,CT\n" for i in range(copies)))
+    out: dict = {"volumes": copies, "rounds": rounds, **_one_vs_two(manifest, tmp, rounds)}
     out["machine_ceiling_2_vs_1"] = machine_scaling(nii)
     return out
+
+
+def dicom_tree_scaling(tmp: Path, n_series: int, n_slices: int, rounds: int = 3) -> dict:
+    """One manifest row holding a DICOM tree of several series: with 2 workers its header scan is split over them
+    and each series is a work item (``ingest.dicom_scan_files``); with one, the row is read series after series."""
+    tree = tmp / "tree"
+    for k in range(n_series):
+        write_dicom_series(tree / f"series{k}", n_slices)
+    manifest = tmp / "tree.csv"
+    manifest.write_text("source,label,modality\ntree,ct,CT\n")
+    return {"series": n_series, "files": n_series * n_slices, "rounds": rounds, **_one_vs_two(manifest, tmp, rounds)}
 
 
 def main() -> None:
@@ -350,6 +368,9 @@ def main() -> None:
         print(f"normalize + antialiased resize: {results['normalize_resize_ms_per_slice']} ms/slice/core")
         results["workers"] = workers_scaling(inputs["nifti_gz"][1], tmp, copies)
         print(f"run_ingest workers: {results['workers']}")
+        n_series, per_series = (2, 8) if args.quick else (12, 100)
+        results["workers_dicom_tree"] = dicom_tree_scaling(tmp, n_series, per_series)
+        print(f"run_ingest workers, one-row DICOM tree: {results['workers_dicom_tree']}")
 
     data = json.loads(out_path.read_text()) if out_path.is_file() else {}
     data["ingest"] = results

@@ -11,6 +11,7 @@ patient and the tables are written. The dataset is renamed into place only when 
 from __future__ import annotations
 
 import functools
+import hashlib
 import os
 import shutil
 import sys
@@ -27,10 +28,19 @@ import numpy as np
 
 from medgan import __version__
 from medgan.config import Config, to_dict
-from medgan.ingest.manifest import Source, discover_folder, read_manifest
+from medgan.ingest.manifest import Skip, Source, discover_folder, read_manifest
 from medgan.ingest.privacy import Pseudonymizer, assign_splits, group_near_duplicates, key_id, load_key
 from medgan.ingest.store import SliceWriter, part_intact
-from medgan.ingest.worker import PART_VERSION, Task, part_id, run_task
+from medgan.ingest.worker import (
+    PART_VERSION,
+    SeriesPlan,
+    Task,
+    discovery_notes,
+    no_series_reason,
+    part_id,
+    run_task,
+    source_report,
+)
 from medgan.io import read_json
 
 __all__ = ["IngestReport", "run_ingest"]
@@ -50,6 +60,7 @@ class IngestReport:
     content_hash: str = ""
     seconds: float = 0.0
     n_reused: int = 0
+    n_items: int = 0  # work items (a volume source, a series of a large DICOM source, or a batch of 2-D images)
 
     def summary(self) -> str:
         """A human-readable summary: counts per split and class, skipped sources with reasons, the output path."""
@@ -98,6 +109,105 @@ def _tasks(sources: list[Source], per_part: int) -> list[list[Source]]:
     return out
 
 
+def _scan_chunk(args: tuple[list[Path], Path]) -> tuple[list, list]:
+    """Worker side of `_scan_big_dicom_sources`: one piece of a source's header scan, headers dropped for the trip."""
+    from medgan.ingest import dicom
+
+    scanned, skips = dicom.scan_files(*args)
+    return [f.without_header() for f in scanned], skips
+
+
+def _scan_big_dicom_sources(sources: list[Source], ic: Any, pool: _Workers) -> dict[int, list[SeriesPlan] | str]:
+    """Scan the headers of every DICOM source with at least ``ic.dicom_scan_files`` files in pieces over the workers,
+    and plan one work item per series (row -> plans, or the reason there is no series). Without this, a manifest row
+    that is a whole DICOM tree is read by one worker. The dataset is the same either way; the cost is a second header
+    parse of each file when its series is read."""
+    from medgan.ingest import dicom
+
+    if pool.n <= 1:
+        return {}
+    big: dict[int, tuple[Source, list[Path]]] = {}
+    for src in sources:
+        if src.kind == "dicom" and src.mask is None and src.path.is_dir():
+            files = dicom.dicom_files(src.path)
+            if len(files) >= max(2, ic.dicom_scan_files):
+                big[src.row] = (src, files)
+    if not big:
+        return {}
+    step = 64  # files per scan piece: small enough to balance, large enough to not pay per-task overhead
+    pieces = [
+        (row, (files[i : i + step], src.path)) for row, (src, files) in big.items() for i in range(0, len(files), step)
+    ]
+    results = list(pool.get().map(_scan_chunk, [p for _, p in pieces]))
+    scanned: dict[int, list] = defaultdict(list)
+    skipped: dict[int, list] = defaultdict(list)
+    for (row, _), (found, skips) in zip(pieces, results, strict=True):
+        scanned[row].extend(found)
+        skipped[row].extend(skips)
+    plans: dict[int, list[SeriesPlan] | str] = {}
+    for row in big:
+        series, more = dicom.group_series(scanned[row], ic.min_series_slices)
+        skips = skipped[row] + more
+        if not series:
+            plans[row] = no_series_reason(skips)
+            continue
+        notes = discovery_notes(skips)
+        plans[row] = [
+            SeriesPlan(s.key, s.files, i, len(series), notes if i == 0 else [], s.modality, s.n_slices, s.label_tags)
+            for i, s in enumerate(series)
+        ]
+    return plans
+
+
+def _plan(
+    sources: list[Source], skips: list[Skip], ic: Any, key: bytes, root: Path, parts_dir: Path, pool: _Workers
+) -> list[Task]:
+    """The work items in manifest order: one per source (or batch of 2-D images), or one per series for a DICOM
+    source with many files (`_scan_big_dicom_sources`; a source where that scan finds no series joins `skips`)."""
+    kid = key_id(key)
+    tasks = []
+    scans = _scan_big_dicom_sources(sources, ic, pool)
+    for group in _tasks(sources, ic.images_per_part):
+        pid, size = part_id(group, ic, kid)
+        scan = scans.get(group[0].row) if len(group) == 1 else None
+        if scan is None:
+            tasks.append(Task(sources=group, cfg=ic, key=key, root=root, parts_dir=parts_dir, part_id=pid, size=size))
+        elif isinstance(scan, str):  # the scan found no series: reported like a serial read would
+            skips.append(Skip(group[0].row, group[0].rel, " ".join(scan.split())[:300]))
+        else:
+            for plan in scan:
+                sid = hashlib.sha256(f"{pid}/series/{plan.index}/{plan.key}".encode()).hexdigest()[:24]
+                size = sum(f.stat().st_size for f in plan.files)
+                tasks.append(Task(group, ic, key, root, parts_dir, sid, size, plan))
+    return tasks
+
+
+class _Workers:
+    """The ingest's process pool, shared by the header scan and the work items and started on first use (so a run
+    that needs none forks nothing). Leaving the block with an error cancels what has not started."""
+
+    def __init__(self, n: int):
+        self.n = n
+        self._pool: ProcessPoolExecutor | None = None
+
+    def get(self) -> ProcessPoolExecutor:
+        if self._pool is None:
+            import multiprocessing as mp
+
+            # fork starts workers without re-importing torch (seconds each); workers run torch single-threaded, so no
+            # OpenMP pool is used after the fork. Elsewhere (macOS, Windows) spawn is the safe default.
+            method = "fork" if sys.platform.startswith("linux") else "spawn"
+            self._pool = ProcessPoolExecutor(self.n, mp_context=mp.get_context(method), initializer=_worker_init)
+        return self._pool
+
+    def __enter__(self) -> _Workers:
+        return self
+
+    def __exit__(self, exc_type: Any, *_: Any) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=exc_type is None, cancel_futures=exc_type is not None)
+
+
 def largest_first(tasks: list[Task]) -> list[Task]:
     """The pool's submission order: largest sources first (manifest order among equals), so a run does not end with
     one worker busy on a big volume while the others wait. Parts are still assembled in manifest order."""
@@ -111,9 +221,9 @@ def _worker_init() -> None:
     torch.set_num_threads(1)
 
 
-def _execute(tasks: list[Task], workers: int, progress: bool, on_done: Callable[[Task, dict], None]) -> None:
-    """Run pending tasks (in-process for one worker, else a process pool) with a progress bar; `on_done` gets each
-    task's summary as it finishes (in the parent process)."""
+def _execute(tasks: list[Task], pool: _Workers, progress: bool, on_done: Callable[[Task, dict], None]) -> None:
+    """Run pending tasks (in-process for one worker or one task, else on the pool) with a progress bar; `on_done`
+    gets each task's summary as it finishes (in the parent process)."""
     from tqdm import tqdm
 
     bar = tqdm(total=len(tasks), unit="item", disable=not progress, desc="ingest", dynamic_ncols=True)
@@ -127,32 +237,22 @@ def _execute(tasks: list[Task], workers: int, progress: bool, on_done: Callable[
         on_done(task, res)
 
     try:
-        if workers <= 1 or len(tasks) <= 1:
+        if pool.n <= 1 or len(tasks) <= 1:
             for t in tasks:
                 done(t, run_task(t))
             return
-        import multiprocessing as mp
-
-        # fork starts workers without re-importing torch (seconds each); workers run torch single-threaded, so no
-        # OpenMP pool is used after the fork. Elsewhere (macOS, Windows) spawn is the safe default.
-        method = "fork" if sys.platform.startswith("linux") else "spawn"
-        with ProcessPoolExecutor(workers, mp_context=mp.get_context(method), initializer=_worker_init) as pool:
-            futures = {pool.submit(run_task, t): t for t in largest_first(tasks)}
-            pending = set(futures)
-            try:
-                while pending:
-                    finished, pending = wait(pending, return_when=FIRST_COMPLETED)
-                    for f in finished:
-                        t = futures[f]
-                        try:
-                            res = f.result()
-                        except Exception as e:  # a crashed worker: report its sources, do not write a part
-                            reason = f"worker failed: {type(e).__name__}: {e}".replace("\n", " ")[:300]
-                            res = {"failed": reason, "n_slices": 0}
-                        done(t, res)
-            except BaseException:
-                pool.shutdown(wait=False, cancel_futures=True)
-                raise
+        futures = {pool.get().submit(run_task, t): t for t in largest_first(tasks)}
+        pending = set(futures)
+        while pending:
+            finished, pending = wait(pending, return_when=FIRST_COMPLETED)
+            for f in finished:
+                t = futures[f]
+                try:
+                    res = f.result()
+                except Exception as e:  # a crashed worker: report its sources, do not write a part
+                    reason = f"worker failed: {type(e).__name__}: {e}".replace("\n", " ")[:300]
+                    res = {"failed": reason, "n_slices": 0}
+                done(t, res)
     finally:
         bar.close()
 
@@ -169,6 +269,7 @@ class _Assembly:
         self.next = 0
         self.writer: SliceWriter | None = None
         self.report: dict[int, dict[str, Any]] = {}
+        self.parts: dict[int, tuple[int, list[str]]] = {}  # row -> (slices, notes) of a source read series by series
         self.slices: list[dict] = []
         self.normalizations: set[str] = set()
 
@@ -187,13 +288,24 @@ class _Assembly:
         path = task.parts_dir / f"{task.part_id}.npy"
         meta = read_json(path.with_suffix(".json"))
         for r in meta["report"]:
-            self.report[r["row"]] = self._row(r["row"], r["status"], r["reason"], r["n_slices"])
+            if r["status"] == "part":  # one series of a source: merged into the source's row by `finish_reports`
+                n, notes = self.parts.get(r["row"], (0, []))
+                self.parts[r["row"]] = (n + r["n_slices"], notes + r["notes"])
+            else:
+                self.report[r["row"]] = self._row(r["row"], r["status"], r["reason"], r["n_slices"])
         self.slices.extend(meta["slices"])
         self.normalizations.update(meta["normalization"])
         if meta["slices"]:
             if self.writer is None:
                 self.writer = self.stack.enter_context(SliceWriter(self.out))
             self.writer.add_file(path, bytes.fromhex(meta["digests"]))
+
+    def finish_reports(self) -> None:
+        """Merge the series parts of each source read series by series into one report row, as a serial read of the
+        source would have reported it."""
+        for row, (n, notes) in self.parts.items():
+            r = source_report(row, n, notes)
+            self.report[row] = self._row(row, r["status"], r["reason"], r["n_slices"])
 
     def _row(self, row: int, status: str, reason: str, n_slices: int) -> dict[str, Any]:
         source = self.by_row[row].rel
@@ -300,21 +412,20 @@ def run_ingest(
     parts_dir = out.with_name(out.name + ".parts")
     parts_dir.mkdir(parents=True, exist_ok=True)
     kid = key_id(key)
-    tasks = []
-    for group in _tasks(sources, ic.images_per_part):
-        pid, size = part_id(group, ic, kid)
-        tasks.append(Task(sources=group, cfg=ic, key=key, root=root, parts_dir=parts_dir, part_id=pid, size=size))
-    done_before = {t.part_id for t in tasks if _reusable(parts_dir, t.part_id)}
-    todo = [t for t in tasks if t.part_id not in done_before]
     workers = ic.workers or os.cpu_count() or 1
     by_row = {s.row: s for s in sources}
     with ExitStack() as stack:
+        pool = stack.enter_context(_Workers(workers))
+        tasks = _plan(sources, skips, ic, key, root, parts_dir, pool)
+        done_before = {t.part_id for t in tasks if _reusable(parts_dir, t.part_id)}
+        todo = [t for t in tasks if t.part_id not in done_before]
         # Parts stream into the dataset in manifest-row order as they finish; slices in volume order.
         asm = _Assembly(tasks, by_row, out, stack)
         for t in tasks:
             if t.part_id in done_before:
                 asm.ready(t, None)
-        _execute(todo, min(workers, len(todo)), progress, asm.ready)
+        _execute(todo, pool, progress, asm.ready)
+        asm.finish_reports()
         for s in skips:
             asm.report[s.row] = {"manifest_row": s.row, "source": s.rel, "status": "skipped", "reason": s.reason,
                                  "n_slices": 0}  # fmt: skip
@@ -324,7 +435,14 @@ def run_ingest(
         slices = asm.slices
         if not slices:
             return IngestReport(
-                None, 0, n_ok, n_skipped, report_rows, seconds=time.perf_counter() - t0, n_reused=len(tasks) - len(todo)
+                None,
+                0,
+                n_ok,
+                n_skipped,
+                report_rows,
+                seconds=time.perf_counter() - t0,
+                n_reused=len(tasks) - len(todo),
+                n_items=len(tasks),
             )
         info = _finish(asm, cfg, report_rows, pseudonym, source_hash, mode, kid)
     shutil.rmtree(parts_dir, ignore_errors=True)
@@ -339,6 +457,7 @@ def run_ingest(
         content_hash=info["content_hash"],
         seconds=time.perf_counter() - t0,
         n_reused=len(tasks) - len(todo),
+        n_items=len(tasks),
     )
 
 

@@ -380,6 +380,75 @@ def _quiet(fn: Callable) -> Callable:
 
 
 @_quiet
+def read_headers(paths: list[Path]) -> list[tuple[Dataset, int]]:
+    """Each file's header and Pixel Data offset, as `SeriesRef.headers` holds them (for a series planned elsewhere).
+
+    Raises:
+        ValueError: a file that is no longer a readable DICOM header, in one line without identifiers.
+    """
+    out = []
+    for path in paths:
+        try:
+            out.append(_read(path, header_only=True))
+        except Exception as e:
+            raise ValueError(f"truncated or corrupt: {_clean(e, path)}") from e
+    return out
+
+
+@dataclass
+class ScannedFile:
+    """One usable image file found by `scan_files`: what grouping needs, and its parsed header.
+
+    Attributes:
+        path: the file.
+        group: (SeriesInstanceUID or a fallback hash, geometry, path key for files without geometry); internal.
+        positions: each frame's position along the slice normal (NaN without geometry).
+        n_frames: frames in the file.
+        offset: byte offset of Pixel Data.
+        tags: Modality and the `SeriesRef.label_tags`, for the first file of each group in a scan (None otherwise).
+        header: the parsed header (None once sent to another process: `without_header`).
+    """
+
+    path: Path
+    group: tuple
+    positions: list[float]
+    n_frames: int
+    offset: int
+    tags: dict[str, str] | None = None
+    header: Dataset | None = field(default=None, repr=False, compare=False)
+
+    def without_header(self) -> ScannedFile:
+        """A copy that pickles small (pydicom datasets do not), for returning from a worker process."""
+        return ScannedFile(self.path, self.group, self.positions, self.n_frames, self.offset, self.tags)
+
+
+_TAGS = ("Modality", "SeriesDescription", "ProtocolName", "BodyPartExamined", "ImageType", "SeriesNumber")
+
+
+def dicom_files(source: Path) -> list[Path]:
+    """The candidate DICOM files under a folder (recursive, sorted) or the single file `source`.
+
+    DICOMDIR, hidden files and obvious non-DICOM files (``.md``, ``.nii.gz``, ``.png``...) are left out.
+
+    Raises:
+        FileNotFoundError: `source` does not exist.
+    """
+    source = Path(source)
+    if not source.exists():
+        raise FileNotFoundError(f"DICOM source {source} does not exist; check the manifest path and --root")
+    if source.is_file():
+        return [source]
+    paths = []
+    for folder, dirs, names in os.walk(source):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for name in sorted(names):
+            if name.startswith(".") or name.upper() == "DICOMDIR" or name.lower().endswith(_IGNORED_SUFFIXES):
+                continue
+            paths.append(Path(folder) / name)
+    return paths
+
+
+@_quiet
 def discover_series(source: Path, min_series_slices: int = 4) -> tuple[list[SeriesRef], list[Skip]]:
     """Find the DICOM image series under a folder (recursively) or in a single file, reading headers only.
 
@@ -395,6 +464,9 @@ def discover_series(source: Path, min_series_slices: int = 4) -> tuple[list[Seri
     points or copies, count once). A single image (one position: a radiograph, a secondary capture, a lone slice) is
     kept as a 2-D image.
 
+    This is `scan_files` over `dicom_files` then `group_series`; ingest runs the scan in pieces over its workers
+    when one source holds many files.
+
     Args:
         source: a folder or a single file.
         min_series_slices: the fewest slices a multi-slice series needs to count as a volume.
@@ -406,21 +478,20 @@ def discover_series(source: Path, min_series_slices: int = 4) -> tuple[list[Seri
         FileNotFoundError: `source` does not exist.
     """
     source = Path(source)
-    if not source.exists():
-        raise FileNotFoundError(f"DICOM source {source} does not exist; check the manifest path and --root")
-    if source.is_file():
-        paths = [source]
-    else:
-        paths = []
-        for folder, dirs, names in os.walk(source):
-            dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-            for name in sorted(names):
-                if name.startswith(".") or name.upper() == "DICOMDIR" or name.lower().endswith(_IGNORED_SUFFIXES):
-                    continue
-                paths.append(Path(folder) / name)
+    scanned, skips = scan_files(dicom_files(source), source)
+    series, more = group_series(scanned, min_series_slices)
+    return series, skips + more
+
+
+@_quiet
+def scan_files(paths: list[Path], source: Path) -> tuple[list[ScannedFile], list[Skip]]:
+    """Parse the headers of `paths` (files under `source`, in order): the usable image files, and the skipped ones
+    with a reason (not DICOM, corrupt, truncated, not an image, no decoder)."""
+    source = Path(source)
     skips: list[Skip] = []
-    groups: dict[tuple, list[tuple[Path, Dataset, list[float], int]]] = {}
+    out: list[ScannedFile] = []
     decodable: dict[str, str | None] = {}
+    seen: set[tuple] = set()
     for path in paths:
         try:
             with open(path, "rb") as fp:  # one open per file: header, then the Pixel Data check
@@ -451,34 +522,50 @@ def discover_series(source: Path, min_series_slices: int = 4) -> tuple[list[Seri
             positions = [np.nan]
         # Files without geometry stay alone; their key part is the path below `source`, stable wherever data moves.
         alone = (path.relative_to(source).as_posix() if source.is_dir() else path.name) if iop is None else ""
-        groups.setdefault((uid, geom, alone), []).append((path, ds, positions, offset))
+        group = (uid, geom, alone)
+        tags = None if group in seen else {t: _text(ds, t) for t in _TAGS}
+        seen.add(group)
+        n_frames = int(_value(ds, "NumberOfFrames") or 1)
+        out.append(ScannedFile(path, group, positions, n_frames, offset, tags, ds))
+    return out, skips
+
+
+def group_series(scanned: list[ScannedFile], min_series_slices: int = 4) -> tuple[list[SeriesRef], list[Skip]]:
+    """Group scanned files (in scan order) into series, applying the scout rule of `discover_series`.
+
+    The scan may have run in pieces: each group's first file carries its `tags` because it is the first of its group
+    in the earliest piece that holds the group.
+    """
+    skips: list[Skip] = []
+    groups: dict[tuple, list[ScannedFile]] = {}
+    for f in scanned:
+        groups.setdefault(f.group, []).append(f)
     series: list[SeriesRef] = []
     n_per_uid: dict[str, int] = {}
     for uid, _, _ in groups:
         n_per_uid[uid] = n_per_uid.get(uid, 0) + 1
     for (uid, geom, single), members in groups.items():
-        first = members[0][1]
-        n = sum(int(_value(m[1], "NumberOfFrames") or 1) for m in members)
-        positions = np.sort(np.concatenate([m[2] for m in members]))
+        tags = members[0].tags or {}
+        n = sum(m.n_frames for m in members)
+        positions = np.sort(np.concatenate([m.positions for m in members]))
         # Frames at one position (echoes, time points, copies) count once: the scout rule is about spatial extent.
         n_unique = n if np.isnan(positions).any() else int(1 + (np.diff(positions) >= _DUP_TOL_MM).sum())
         key = uid if n_per_uid[uid] == 1 else f"{uid}|{geom}|{single}"
-        image_type = _text(first, "ImageType").upper()
+        image_type = tags.get("ImageType", "").upper()
         if not single and "LOCALIZER" in image_type:
-            skips.append(Skip(members[0][0], f"scout/localiser: ImageType LOCALIZER ({len(members)} files)"))
+            skips.append(Skip(members[0].path, f"scout/localiser: ImageType LOCALIZER ({len(members)} files)"))
         elif not single and 1 < n_unique < min_series_slices:
             reason = f"scout/localiser: {n_unique} slices < min_series_slices ({min_series_slices})"
-            skips.append(Skip(members[0][0], reason))
+            skips.append(Skip(members[0].path, reason))
         else:
-            tags = ("SeriesDescription", "ProtocolName", "BodyPartExamined", "ImageType", "SeriesNumber")
             series.append(
                 SeriesRef(
                     key,
-                    [m[0] for m in members],
-                    _text(first, "Modality") or "OT",
+                    [m.path for m in members],
+                    tags.get("Modality") or "OT",
                     n,
-                    {t: _text(first, t) for t in tags},
-                    [(m[1], m[3]) for m in members],
+                    {t: tags.get(t, "") for t in _TAGS[1:]},
+                    [(m.header, m.offset) for m in members] if all(m.header is not None for m in members) else [],
                 )
             )
     series.sort(key=lambda s: s.files[0])

@@ -12,7 +12,7 @@ import json
 import os
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +30,7 @@ from medgan.io import atomic_write_json, atomic_write_npy
 
 PART_VERSION = 3  # 3: per-slice digests in the .json; 2: <id>.npy + <id>.json; 1: one .npz
 # Config fields that change what a part holds; workers/splits/seed only affect scheduling and assembly.
-_ASSEMBLY_ONLY = ("workers", "split_fractions", "seed", "images_per_part", "dedup_max_distance")
+_ASSEMBLY_ONLY = ("workers", "split_fractions", "seed", "images_per_part", "dedup_max_distance", "dicom_scan_files")
 
 
 @dataclass
@@ -44,6 +44,30 @@ class Task:
     parts_dir: Path
     part_id: str
     size: int = 0  # bytes of its sources: largest first keeps a worker from starting a big volume last
+    series: SeriesPlan | None = None  # one series of its (single, DICOM) source: see `SeriesPlan`
+
+
+@dataclass
+class SeriesPlan:
+    """One series of a DICOM source whose header scan ran over the workers (`run_ingest` does this for a source with
+    many files): its work item reads just this series, and the parent merges the source's parts into one report row.
+
+    Attributes:
+        key: the series key from the scan of the whole source (it names the volume's pseudonym).
+        files: the series' files, in scan order.
+        index: its position among the source's series; total: how many there are.
+        notes: source-level notes (files not used), carried by the first series' part.
+        modality, n_slices, label_tags: as in `SeriesRef`.
+    """
+
+    key: str
+    files: list[Path]
+    index: int
+    total: int
+    notes: list[str]
+    modality: str = "OT"
+    n_slices: int = 0
+    label_tags: dict[str, str] = field(default_factory=dict)
 
 
 def _stats(path: Path | None) -> tuple[list[str], int]:
@@ -98,8 +122,10 @@ def _label_from_tags(tags: dict[str, str], cfg: IngestConfig) -> str:
     return value
 
 
-def _volumes(src: Source, cfg: IngestConfig, pseudonym: Callable[[str], str], notes: list[str]):
-    """Yield (volume, label) for a source; a DICOM folder may hold several series."""
+def _volumes(
+    src: Source, cfg: IngestConfig, pseudonym: Callable[[str], str], notes: list[str], plan: SeriesPlan | None
+):
+    """Yield (volume, label) for a source; a DICOM folder may hold several series (or, with `plan`, just one)."""
     if src.kind == "nifti":
         vol = read_nifti(src.path, volume_index=cfg.volume_index, modality=src.modality)
         vol.volume = pseudonym("volume:" + src.rel)
@@ -107,23 +133,52 @@ def _volumes(src: Source, cfg: IngestConfig, pseudonym: Callable[[str], str], no
         return
     from medgan.ingest import dicom
 
-    series, skips = dicom.discover_series(src.path, cfg.min_series_slices)
-    if skips:
-        reasons = _summarize(s.reason for s in skips)
-        notes.append(f"{len(skips)} file(s) not used ({reasons})")
-    if not series:
-        raise ValueError("no DICOM image series found" + (f": {reasons}" if skips else ""))
-    for i, s in enumerate(series):
+    if plan is None:
+        series, skips = dicom.discover_series(src.path, cfg.min_series_slices)
+        notes.extend(discovery_notes(skips))
+        if not series:
+            raise ValueError(no_series_reason(skips))
+        numbered, total = list(enumerate(series)), len(series)
+    else:
+        notes.extend(plan.notes)
+        numbered, total = [(plan.index, plan)], plan.total
+    for i, s in numbered:
         try:
+            if isinstance(s, SeriesPlan):  # headers parsed again here: Datasets cost more to send than to parse
+                s = dicom.SeriesRef(s.key, s.files, s.modality, s.n_slices, s.label_tags, dicom.read_headers(s.files))
             label = src.label or (_label_from_tags(s.label_tags, cfg) if cfg.dicom_label_tag else "")
             vol = dicom.read_series(s, pseudonym)
         except Exception as e:  # one bad series does not sink the others
-            notes.append(f"series {i + 1}/{len(series)} skipped: {_reason(e, src, src.path)}")
+            notes.append(f"series {i + 1}/{total} skipped: {_reason(e, src, src.path)}")
             continue
         if src.modality:
             vol.modality = src.modality
         vol.volume = vol.volume or pseudonym(f"volume:{src.rel}#{s.key}")
         yield vol, label
+
+
+def discovery_notes(skips: list) -> list[str]:
+    """The note a DICOM source's report carries about files and series that discovery did not use."""
+    return [f"{len(skips)} file(s) not used ({_summarize(s.reason for s in skips)})"] if skips else []
+
+
+def no_series_reason(skips: list) -> str:
+    """Why a DICOM source gave no series."""
+    return "no DICOM image series found" + (f": {_summarize(s.reason for s in skips)}" if skips else "")
+
+
+def source_report(row: int, n_slices: int, notes: list[str], error: str | None = None) -> dict[str, Any]:
+    """A source's report row from its slices and notes (or the error that stopped it)."""
+    if error is not None:
+        status, reason = "skipped", error
+    elif n_slices:
+        status, reason = "ok", "; ".join(dict.fromkeys(notes))
+    elif notes:
+        status, reason = "skipped", "no usable slices: " + "; ".join(dict.fromkeys(notes))
+    else:
+        status, reason = "skipped", "no slice passed selection (ingest.min_foreground_fraction / mask classes)"
+    n = n_slices if status == "ok" else 0
+    return {"row": row, "status": status, "reason": " ".join(reason.split())[:300], "n_slices": n}
 
 
 def _summarize(reasons) -> str:
@@ -149,17 +204,21 @@ def _slice_rows(src: Source, vol: Volume, sl: Slices, label: str) -> list[dict[s
     ]
 
 
-def process_source(src: Source, cfg: IngestConfig, pseudonym: Callable[[str], str], root: Path):
-    """Read and normalize one source.
+def process_source(
+    src: Source, cfg: IngestConfig, pseudonym: Callable[[str], str], root: Path, plan: SeriesPlan | None = None
+):
+    """Read and normalize one source (with `plan`, one series of it).
 
     Returns:
-        (float16 image arrays, slice rows, the report row, normalization descriptions).
+        (float16 image arrays, slice rows, the report row, normalization descriptions). With `plan` the report row
+        has status ``part`` and the raw ``notes``: the parent merges the source's parts (`source_report`).
     """
     images: list[np.ndarray] = []
     rows: list[dict[str, Any]] = []
     notes: list[str] = []
     used: set[str] = set()
     allowed = set(cfg.classes)
+    error = None
     try:
         if src.kind == "image2d":
             img, fg = normalize_image2d(read_image2d(src.path), cfg)
@@ -182,7 +241,7 @@ def process_source(src: Source, cfg: IngestConfig, pseudonym: Callable[[str], st
             used.add(f"2-D {cfg.image_normalization}")
         else:
             mask = read_mask(src.mask) if src.mask is not None else None
-            for vol, label in _volumes(src, cfg, pseudonym, notes):
+            for vol, label in _volumes(src, cfg, pseudonym, notes, plan):
                 try:  # one bad series (or a mask that does not fit it) does not sink the others
                     if mask is not None and mask.shape != vol.data.shape:
                         raise ValueError(
@@ -205,16 +264,15 @@ def process_source(src: Source, cfg: IngestConfig, pseudonym: Callable[[str], st
                     used.add(sl.normalization)
                 except Exception as e:
                     notes.append(f"a series was skipped: {_reason(e, src, root)}")
-
-        if not rows and notes:
-            raise ValueError("no usable slices: " + "; ".join(dict.fromkeys(notes)))
-        if not rows:
-            raise ValueError("no slice passed selection (ingest.min_foreground_fraction / mask classes)")
-        status, reason = "ok", "; ".join(dict.fromkeys(notes))
     except Exception as e:  # a bad source is reported and the rest goes on
+        error = _reason(e, src, root)
+    if plan is not None:
+        if error is not None:
+            images, rows, used, notes = [], [], set(), [*notes, f"series {plan.index + 1}/{plan.total}: {error}"]
+        return images, rows, {"row": src.row, "status": "part", "notes": notes, "n_slices": len(rows)}, used
+    report = source_report(src.row, len(rows), notes, error)
+    if report["status"] != "ok":
         images, rows, used = [], [], set()
-        status, reason = "skipped", _reason(e, src, root)
-    report = {"row": src.row, "status": status, "reason": " ".join(reason.split())[:300], "n_slices": len(rows)}
     return images, rows, report, used
 
 
@@ -233,7 +291,7 @@ def run_task(task: Task) -> dict[str, Any]:
     torch.set_num_threads(1)
     try:
         for src in task.sources:
-            im, r, rep, u = process_source(src, task.cfg, pseudonym, task.root)
+            im, r, rep, u = process_source(src, task.cfg, pseudonym, task.root, task.series)
             images.extend(im)
             rows.extend(r)
             reports.append(rep)

@@ -307,3 +307,29 @@ def test_the_pool_gets_the_largest_sources_first(nifti_root, tmp_path):
     order = [t.sources[0].row for t in largest_first(tasks)]
     big, small = (2, 1) if tasks[1].size > tasks[0].size else (1, 2)
     assert order == [big, big + 2, small, small + 2]
+
+
+def test_a_dicom_tree_in_one_row_is_read_series_by_series_with_the_same_result(shared_data, tmp_path):
+    """One manifest row holding a whole DICOM tree (5 series, a truncated file, a non-DICOM file): with workers its
+    header scan is split into pieces and each series is its own work item, and the dataset and report are those of a
+    serial read of the row."""
+    tree = tmp_path / "root" / "archive"
+    shutil.copytree(require(shared_data / "dicom/mr_decubitus_t1_4positions"), tree / "mr")
+    shutil.copytree(require(shared_data / "dicom/ct_tcia_kits00072_18slices"), tree / "ct" / "kits")
+    cut = tree / "ct" / "kits" / "1-005.dcm"
+    cut.write_bytes(cut.read_bytes()[:3000])
+    (tree / "ct" / "notes.bin").write_bytes(b"not DICOM")
+    manifest = _write_manifest(tmp_path / "root" / "m.csv", [{"source": "archive"}])
+    labels = ["ingest.dicom_label_tag=SeriesDescription", "ingest.dicom_label_map={arterial: ct, t1_fl2d_sag: mr}"]
+    reports, runs = {}, {"serial": ["ingest.workers=1"], "split": ["ingest.workers=2", "ingest.dicom_scan_files=8"]}
+    for name, sets in runs.items():
+        reports[name] = run_ingest(
+            _cfg(*labels, *sets), tmp_path / name, manifest=manifest, key_file=tmp_path / "k.key", progress=False
+        )
+    serial, split = reports["serial"], reports["split"]
+    assert serial.n_items == 1 and split.n_items == 5  # one work item per series
+    assert split.report == serial.report and serial.report[0]["status"] == "ok"
+    assert serial.report[0]["reason"].startswith("2 file(s) not used (not a DICOM file; not an image")  # cut header
+    assert split.content_hash == serial.content_hash
+    a, b = SliceDataset.open(tmp_path / "serial"), SliceDataset.open(tmp_path / "split")
+    assert a.classes == ["ct", "mr"] and len(set(a.column("volume"))) == 5 and a.table == b.table
