@@ -282,6 +282,10 @@ class _Assembly:
 
     def _take(self, task: Task, res: dict | None) -> None:
         if res is not None and "failed" in res:
+            if task.series is not None:  # one series of a source: the others may still give slices
+                plan, row = task.series, task.sources[0].row
+                self._add_part(row, 0, [f"series {plan.index + 1}/{plan.total} skipped: {res['failed']}"])
+                return
             for s in task.sources:
                 self.report[s.row] = self._row(s.row, "skipped", res["failed"], 0)
             return
@@ -289,8 +293,7 @@ class _Assembly:
         meta = read_json(path.with_suffix(".json"))
         for r in meta["report"]:
             if r["status"] == "part":  # one series of a source: merged into the source's row by `finish_reports`
-                n, notes = self.parts.get(r["row"], (0, []))
-                self.parts[r["row"]] = (n + r["n_slices"], notes + r["notes"])
+                self._add_part(r["row"], r["n_slices"], r["notes"])
             else:
                 self.report[r["row"]] = self._row(r["row"], r["status"], r["reason"], r["n_slices"])
         self.slices.extend(meta["slices"])
@@ -299,6 +302,10 @@ class _Assembly:
             if self.writer is None:
                 self.writer = self.stack.enter_context(SliceWriter(self.out))
             self.writer.add_file(path, bytes.fromhex(meta["digests"]))
+
+    def _add_part(self, row: int, n_slices: int, notes: list[str]) -> None:
+        n, before = self.parts.get(row, (0, []))
+        self.parts[row] = (n + n_slices, before + notes)
 
     def finish_reports(self) -> None:
         """Merge the series parts of each source read series by series into one report row, as a serial read of the
