@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import random
+import warnings
 from pathlib import Path
 
 import nibabel as nib
@@ -295,3 +296,44 @@ def test_stored_fast_path_equals_pydicom(shared_data: Path, monkeypatch: pytest.
     cfg = IngestConfig(min_foreground_fraction=0.0)
     a, b = normalize_volume(lazy, cfg), normalize_volume(eager, cfg)
     np.testing.assert_allclose(a.images.astype(np.float32), b.images.astype(np.float32), atol=2e-3)
+
+
+def test_in_memory_header_equals_dcmread(shared_data: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The header read in memory (`_parse_head`) is element for element what a header-only dcmread gives, with the
+    same Pixel Data offset and encoding, on every pydicom test file and shared DICOM file; files it does not apply
+    to (no preamble, no Pixel Data, cut, not DICOM) go to dcmread and fail or pass exactly as before."""
+    import pydicom.data
+
+    from medgan.ingest import dicom
+
+    local = Path(pydicom.data.__file__).parent / "test_files"
+    files = [f for f in [*sorted(local.rglob("*")), *sorted((shared_data / "dicom").rglob("*"))] if f.is_file()]
+    fallbacks: list[Path] = []
+    parse = dicom._parse
+
+    def counted(fp, header_only: bool):
+        fallbacks.append(Path(fp.name))
+        return parse(fp, header_only)
+
+    monkeypatch.setattr(dicom, "_parse", counted)
+    compared = 0
+    for path in files:
+        try:
+            with open(path, "rb") as fp, warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                ref, offset = parse(fp, header_only=True)
+        except Exception as e:
+            with pytest.raises(type(e)):
+                dicom._read(path, header_only=True)
+            continue
+        ds, got_offset = dicom._read(path, header_only=True)
+        assert got_offset == offset and ds.original_encoding == ref.original_encoding, path.name
+        assert [e.tag for e in ds] == [e.tag for e in ref] and ds.file_meta == ref.file_meta, path.name
+        for elem in ref:
+            assert ds[elem.tag].value == elem.value or str(ds[elem.tag].value) == str(elem.value), (path.name, elem.tag)
+        compared += 1
+    fast = compared - len([f for f in fallbacks if f in set(files)])
+    assert compared > 300 and fast > 200, (compared, fast)
+    # Long private headers (Siemens CSA, ~130 KB) are read in memory too, in a second, longer read.
+    mr = sorted((shared_data / "dicom/mr_decubitus_t1_4positions").rglob("*.dcm"))
+    assert mr and all(f not in fallbacks for f in mr)
