@@ -35,11 +35,12 @@ from typing import Any, BinaryIO
 import numpy as np
 import pydicom
 from nibabel import orientations
+from pydicom.charset import default_encoding
 from pydicom.datadict import dictionary_VR, tag_for_keyword
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.errors import InvalidDicomError
-from pydicom.filereader import read_dataset
+from pydicom.filereader import data_element_generator, read_dataset
 from pydicom.pixels import apply_color_lut, apply_modality_lut, get_decoder
 from pydicom.uid import UID, ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
@@ -157,14 +158,16 @@ def _parse_head(head: bytes) -> tuple[Dataset, int] | None:
     transfer syntax, no command set, and the (7FE0,0010) Pixel Data element starting inside `head`. That is nearly
     every image file; each element is the same raw element ``dcmread`` gives. What it skips is ``dcmread``'s
     per-file setup (the file-like wrapper, a ``FileDataset`` with its file attributes, a read per element on a
-    buffered file), which costs more than parsing a typical header: 0.19 vs 0.38 ms per CT slice here.
+    buffered file, the File Meta group built twice), which costs more than parsing a typical header: ~0.15 vs
+    ~0.35 ms per CT slice here. The transfer syntax is converted once per process (`_value`).
     """
     if head[128:132] != b"DICM":
         return None
     buf = io.BytesIO(head)
     buf.seek(132)
-    meta = read_dataset(buf, is_implicit_VR=False, is_little_endian=True, stop_when=_not_meta)
-    tsuid = meta.get("TransferSyntaxUID")
+    meta = FileMetaDataset({e.tag: e for e in data_element_generator(buf, False, True, stop_when=_not_meta)})
+    meta.set_original_encoding(False, True, default_encoding)  # File Meta is always explicit VR little endian
+    tsuid = _value(meta, "TransferSyntaxUID")
     start = buf.tell()
     if not tsuid or (tsuid not in _PLAIN_SYNTAXES and not tsuid.is_compressed) or head[start : start + 2] == b"\0\0":
         return None  # no, private or deflated syntax; or a command set (group 0000, always implicit VR)
@@ -175,7 +178,7 @@ def _parse_head(head: bytes) -> tuple[Dataset, int] | None:
         return None  # the header goes on past `head`, no Pixel Data, float pixels, or stopped early
     # As dcmread: the encoding the transfer syntax names, even where read_dataset found the elements in another VR.
     ds.set_original_encoding(implicit, little, ds.original_character_set)
-    ds.file_meta = FileMetaDataset(meta)
+    ds.file_meta = meta
     return ds, offset
 
 
