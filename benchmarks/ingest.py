@@ -6,11 +6,12 @@ slices/s and peak memory of medgan (reader + `normalize_volume`) and of the base
 ``Orientation`` + ``ScaleIntensityRange`` + ``Resize`` per volume), each in a fresh process so peak RSS is its own.
 Each process runs its pipeline ``--repeats`` times: the first run is reported as ``cold`` (imports done, but first
 use of every buffer), the median of the others as the headline ``slices_per_s`` (a worker ingesting many volumes is
-warm). medgan's process also times the floor under its reader right after each run (the bare gunzip of a
-``.nii.gz``, pydicom's bare header parse of a DICOM folder), so the fraction of that floor is measured on one machine
-state even on a noisy VM. Also: the bare gzip decode rate (stdlib and isal), pydicom's bare header-parse rate, normalize
-+ resize alone (ms/slice), and `run_ingest` with 1 vs 2 workers on 12 volumes (one manifest row each) and on one row
-holding a DICOM tree of 12 series (1,200 files: its header scan and series are spread over the workers).
+warm). medgan's process also times a reference right after each run (the bare gunzip of a ``.nii.gz``, the floor
+under its reader; pydicom's bare ``dcmread`` header parse of a DICOM folder, the issue's anchor), so the fraction of
+that reference is measured on one machine state even on a noisy VM. Also: the bare gzip decode rate (stdlib and
+isal), pydicom's bare header-parse rate, normalize + resize alone (ms/slice), and `run_ingest` with 1 vs 2 workers on
+12 volumes (one manifest row each) and on one row holding a DICOM tree of 12 series (1,200 files: its header scan and
+series are spread over the workers).
 Results are merged into ``benchmarks/results/cpu.json`` under ``"ingest"`` (other keys are kept).
 
 Usage:
@@ -146,8 +147,9 @@ def _child(fn_name: str, kind: str, path: str, repeats: int, q) -> None:
 
 
 def _reference(kind: str, path: str):
-    """The floor under medgan's reader for this input, as a callable: the bare isal (else stdlib) gunzip of a
-    .nii.gz, or pydicom's bare header parse of every file of a DICOM folder; None for other inputs."""
+    """The reference for this input, as a callable: the bare isal (else stdlib) gunzip of a .nii.gz (the floor under
+    medgan's reader), or pydicom's bare ``dcmread`` header parse of every file of a DICOM folder (the issue's anchor;
+    medgan parses headers in memory, at about half its cost); None for other inputs."""
     if kind == "nifti" and path.endswith(".gz"):
         raw = Path(path).read_bytes()
         try:
@@ -184,7 +186,7 @@ def measure(fn_name: str, kind: str, path: Path, repeats: int) -> dict:
 
 
 def header_rate(folder: Path) -> float:
-    """pydicom's bare header parse rate (files/s, ``stop_before_pixels``) on the series: the floor under any reader."""
+    """pydicom's bare header parse rate (files/s, ``dcmread(stop_before_pixels=True)``) on the series."""
     import pydicom
 
     files = sorted(folder.iterdir())
