@@ -60,7 +60,7 @@ _DELIM = b"\xfe\xff\xdd\xe0\x00\x00\x00\x00"  # Sequence Delimitation Item closi
 _UID_RE = re.compile(r"\d+(\.\d+){3,}")
 _HEAD_BYTES, _HEAD_MAX = 1 << 15, 1 << 20  # first read of a header parsed in memory (`_header`), and its limit
 _head_bytes = _HEAD_BYTES  # the first read now: the last header's length rounded up (files of a series are alike)
-_PLAIN_SYNTAXES = (ImplicitVRLittleEndian, ExplicitVRLittleEndian, ExplicitVRBigEndian)
+_PIXEL_TAG = {True: b"\xe0\x7f\x10\x00", False: b"\x7f\xe0\x00\x10"}  # (7FE0,0010) Pixel Data; key: little endian
 
 
 @dataclass
@@ -169,12 +169,18 @@ def _parse_head(head: bytes) -> tuple[Dataset, int] | None:
     meta.set_original_encoding(False, True, default_encoding)  # File Meta is always explicit VR little endian
     tsuid = _value(meta, "TransferSyntaxUID")
     start = buf.tell()
-    if not tsuid or (tsuid not in _PLAIN_SYNTAXES and not tsuid.is_compressed) or head[start : start + 2] == b"\0\0":
-        return None  # no, private or deflated syntax; or a command set (group 0000, always implicit VR)
+    if (
+        not tsuid
+        or not tsuid.is_transfer_syntax
+        or tsuid.is_private
+        or tsuid.is_deflated
+        or head[start : start + 2] == b"\0\0"
+    ):
+        return None  # no, unknown, private or deflated syntax; or a command set (group 0000, always implicit VR)
     implicit, little = tsuid == ImplicitVRLittleEndian, tsuid != ExplicitVRBigEndian
     ds = read_dataset(buf, implicit, little, stop_when=_at_pixels)
     offset = buf.tell()
-    if head[offset : offset + 4] != (b"\xe0\x7f\x10\x00" if little else b"\x7f\xe0\x00\x10"):
+    if head[offset : offset + 4] != _PIXEL_TAG[little]:
         return None  # the header goes on past `head`, no Pixel Data, float pixels, or stopped early
     # As dcmread: the encoding the transfer syntax names, even where read_dataset found the elements in another VR.
     ds.set_original_encoding(implicit, little, ds.original_character_set)
@@ -251,7 +257,7 @@ def _with_pixels(path: Path, ds: Dataset, offset: int) -> Dataset | np.ndarray:
         data = fp.read()
     implicit, little = ds.original_encoding
     head = 8 if implicit else 12
-    tag = data[:4] == (b"\xe0\x7f\x10\x00" if little else b"\x7f\xe0\x00\x10")
+    tag = data[:4] == _PIXEL_TAG[little]
     length = int.from_bytes(data[head - 4 : head], "little" if little else "big")
     if not tag or (length == 0xFFFFFFFF and not data.endswith(_DELIM)):
         return _read(path, header_only=False)[0]  # Float Pixel Data or trailing elements: let pydicom parse it all
@@ -323,7 +329,7 @@ def _read_native_into(path: Path, ds: Dataset, offset: int, out: np.ndarray) -> 
     with open(path, "rb", buffering=0) as fp:
         fp.seek(offset)
         element = fp.read(head)
-        if len(element) < head or element[:4] != b"\xe0\x7f\x10\x00":
+        if len(element) < head or element[:4] != _PIXEL_TAG[True]:
             return False
         if int.from_bytes(element[head - 4 : head], "little") < out.nbytes:
             return False
