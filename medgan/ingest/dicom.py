@@ -37,11 +37,12 @@ import pydicom
 from nibabel import orientations
 from pydicom.charset import default_encoding
 from pydicom.datadict import dictionary_VR, tag_for_keyword
-from pydicom.dataelem import RawDataElement
+from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.errors import InvalidDicomError
 from pydicom.filereader import data_element_generator, read_dataset
 from pydicom.pixels import apply_color_lut, apply_modality_lut, get_decoder
+from pydicom.tag import BaseTag
 from pydicom.uid import UID, ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from medgan.ingest.volume import Volume
@@ -361,12 +362,12 @@ _CACHEABLE_VRS = frozenset({"US", "SS", "UL", "SL", "FL", "FD", "DS", "IS", "CS"
 
 
 @functools.lru_cache(maxsize=512)
-def _tag(keyword: str) -> tuple[int, bool]:
+def _tag(keyword: str) -> tuple[BaseTag, bool]:
     """(tag, whether its values may be cached by `_value`) of a DICOM keyword."""
     tag = tag_for_keyword(keyword)
     if tag is None:
         raise KeyError(f"unknown DICOM keyword {keyword}")
-    return tag, dictionary_VR(tag) in _CACHEABLE_VRS
+    return BaseTag(tag), dictionary_VR(tag) in _CACHEABLE_VRS
 
 
 def _value(ds: Dataset, keyword: str, default: Any = None) -> Any:
@@ -376,11 +377,14 @@ def _value(ds: Dataset, keyword: str, default: Any = None) -> Any:
     series repeat most values byte for byte (size, orientation, spacing, bit depth, rescale, UIDs), so a value is
     reused across files when its tag, VR, raw bytes and encoding are equal. Only VRs whose conversion depends on
     nothing else are cached (numbers, code strings, UIDs, dates). Cached values are shared: never modify them.
+    An element already converted in `ds` gives its value directly (``ds.get`` would look it up a second time).
     """
     tag, cacheable = _tag(keyword)
-    elem = ds.get_item(tag)
+    elem = ds.get_item(tag)  # a BaseTag key skips pydicom's tag parsing
     if elem is None:
         return default
+    if type(elem) is DataElement:
+        return elem.value
     if not cacheable or not isinstance(elem, RawDataElement):
         return ds[tag].value
     key = (tag, elem.VR, elem.value, elem.is_implicit_VR, elem.is_little_endian)
@@ -395,7 +399,7 @@ def _value(ds: Dataset, keyword: str, default: Any = None) -> Any:
 
 def _has(ds: Dataset, keyword: str) -> bool:
     """``bool(ds.get(keyword))`` without converting an absent element (functional groups, LUT sequences)."""
-    return ds.get_item(_tag(keyword)[0]) is not None and bool(ds.get(keyword))
+    return bool(_value(ds, keyword))
 
 
 def _fg(ds: Dataset, frame: int, name: str) -> Dataset | None:
