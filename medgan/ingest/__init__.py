@@ -11,14 +11,13 @@ patient and the tables are written. The dataset is renamed into place only when 
 from __future__ import annotations
 
 import functools
-import hashlib
 import os
 import shutil
 import sys
 import time
 from collections import Counter, defaultdict
 from collections.abc import Callable
-from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, as_completed, wait
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,15 +29,18 @@ from medgan import __version__
 from medgan.config import Config, to_dict
 from medgan.ingest.manifest import Skip, Source, discover_folder, read_manifest
 from medgan.ingest.privacy import Pseudonymizer, assign_splits, group_near_duplicates, key_id, load_key
-from medgan.ingest.store import SliceWriter, part_intact
+from medgan.ingest.store import SliceWriter
 from medgan.ingest.worker import (
-    PART_VERSION,
+    ScanTask,
     SeriesPlan,
     Task,
     discovery_notes,
     no_series_reason,
     part_id,
+    reusable,
     run_task,
+    scan_task,
+    series_part_id,
     source_report,
 )
 from medgan.io import read_json
@@ -109,66 +111,109 @@ def _tasks(sources: list[Source], per_part: int) -> list[list[Source]]:
     return out
 
 
-def _scan_chunk(args: tuple[list[Path], Path]) -> tuple[list, list]:
-    """Worker side of `_scan_big_dicom_sources`: one piece of a source's header scan, headers dropped for the trip."""
-    from medgan.ingest import dicom
+def _by_folder(files: list[Path]) -> list[list[Path]]:
+    """Files in scan order, cut where the folder changes (a folder's files are consecutive in `dicom_files`)."""
+    runs: list[list[Path]] = []
+    for f in files:
+        if runs and runs[-1][-1].parent == f.parent:
+            runs[-1].append(f)
+        else:
+            runs.append([f])
+    return runs
 
-    scanned, skips = dicom.scan_files(*args)
-    return [f.without_header() for f in scanned], skips
 
+def _scan_big_dicom_sources(
+    sources: dict[int, tuple[Source, str]], ic: Any, key: bytes, root: Path, parts_dir: Path, pool: _Workers,
+    progress: bool,
+) -> tuple[dict[int, list[SeriesPlan] | str], dict[int, list[str]], set[str]]:  # fmt: skip
+    """Scan the headers of every DICOM source (row -> (source, part id)) with at least ``ic.dicom_scan_files`` files
+    over the workers, and plan one work item per series. Without this, a manifest row that is a whole DICOM tree is
+    read by one worker.
 
-def _scan_big_dicom_sources(sources: list[Source], ic: Any, pool: _Workers) -> dict[int, list[SeriesPlan] | str]:
-    """Scan the headers of every DICOM source with at least ``ic.dicom_scan_files`` files in pieces over the workers,
-    and plan one work item per series (row -> plans, or the reason there is no series). Without this, a manifest row
-    that is a whole DICOM tree is read by one worker. The dataset is the same either way; the cost is a second header
-    parse of each file when its series is read."""
+    A folder holding at most its share of the source's files (files / workers) is one piece, and the worker that
+    scans it also reads the series lying wholly in it (`scan_task`): each header is parsed once. A bigger folder is
+    scanned in pieces of 64 files, and its series are read by their own work items, which parse their headers again.
+    The dataset and the report are those of a serial read either way.
+
+    Returns:
+        (row -> its series plans, or the reason it has none; row -> notes of the row itself (files not used);
+        the ids of the series parts the scan wrote).
+    """
+    from tqdm import tqdm
+
     from medgan.ingest import dicom
 
     if pool.n <= 1:
-        return {}
-    big: dict[int, tuple[Source, list[Path]]] = {}
-    for src in sources:
-        if src.kind == "dicom" and src.mask is None and src.path.is_dir():
-            files = dicom.dicom_files(src.path)
-            if len(files) >= max(2, ic.dicom_scan_files):
-                big[src.row] = (src, files)
-    if not big:
-        return {}
-    step = 64  # files per scan piece: small enough to balance, large enough to not pay per-task overhead
-    pieces = [
-        (row, (files[i : i + step], src.path)) for row, (src, files) in big.items() for i in range(0, len(files), step)
-    ]
-    results = list(pool.get().map(_scan_chunk, [p for _, p in pieces]))
+        return {}, {}, set()
+    pieces: list[tuple[int, ScanTask]] = []
+    for row, (src, pid) in sources.items():
+        if src.kind != "dicom" or src.mask is not None or not src.path.is_dir():
+            continue
+        files = dicom.dicom_files(src.path)
+        if len(files) < max(2, ic.dicom_scan_files):
+            continue
+        share = len(files) / pool.n
+        for run in _by_folder(files):
+            steps = [run] if len(run) <= share else [run[i : i + 64] for i in range(0, len(run), 64)]
+            pieces += [(row, ScanTask(p, src, ic, key, root, parts_dir, pid, len(steps) == 1)) for p in steps]
+    if not pieces:
+        return {}, {}, set()
+    # The costliest pieces first (reading a file costs ~4x scanning it); results are used in scan order.
+    order = sorted(range(len(pieces)), key=lambda i: -len(pieces[i][1].files) * (4 if pieces[i][1].read else 1))
+    futures = {pool.get().submit(scan_task, pieces[i][1]): i for i in order}
+    results: dict[int, dict] = {}
+    n_slices, t0 = 0, time.perf_counter()
+    with tqdm(total=len(pieces), unit="piece", disable=not progress, desc="scan", dynamic_ncols=True) as bar:
+        for f in as_completed(futures):
+            i = futures[f]
+            try:
+                results[i] = f.result()
+            except Exception:  # a crashed worker: scan the piece here, headers only; its series get work items
+                pool.reset_if_broken()
+                found, skips = dicom.scan_files(pieces[i][1].files, pieces[i][1].source.path)
+                results[i] = {"scanned": found, "skips": skips, "written": [], "n_slices": 0}
+            n_slices += results[i]["n_slices"]
+            bar.update(1)
+            bar.set_postfix_str(f"{n_slices / max(time.perf_counter() - t0, 1e-9):.0f} slices/s")
     scanned: dict[int, list] = defaultdict(list)
     skipped: dict[int, list] = defaultdict(list)
-    for (row, _), (found, skips) in zip(pieces, results, strict=True):
-        scanned[row].extend(found)
-        skipped[row].extend(skips)
+    written: set[str] = set()
+    for i, (row, _) in enumerate(pieces):
+        scanned[row].extend(results[i]["scanned"])
+        skipped[row].extend(results[i]["skips"])
+        written.update(results[i]["written"])
     plans: dict[int, list[SeriesPlan] | str] = {}
-    for row in big:
+    notes: dict[int, list[str]] = {}
+    for row in dict.fromkeys(r for r, _ in pieces):
         series, more = dicom.group_series(scanned[row], ic.min_series_slices)
         skips = skipped[row] + more
         if not series:
             plans[row] = no_series_reason(skips)
             continue
-        notes = discovery_notes(skips)
+        notes[row] = discovery_notes(skips)
         plans[row] = [
-            SeriesPlan(s.key, s.files, i, len(series), notes if i == 0 else [], s.modality, s.n_slices, s.label_tags)
+            SeriesPlan(s.key, s.files, i, len(series), s.modality, s.n_slices, s.label_tags)
             for i, s in enumerate(series)
         ]
-    return plans
+    return plans, notes, written
 
 
 def _plan(
-    sources: list[Source], skips: list[Skip], ic: Any, key: bytes, root: Path, parts_dir: Path, pool: _Workers
-) -> list[Task]:
+    sources: list[Source], skips: list[Skip], ic: Any, key: bytes, root: Path, parts_dir: Path, pool: _Workers,
+    progress: bool = False,
+) -> tuple[list[Task], dict[int, list[str]], set[str]]:  # fmt: skip
     """The work items in manifest order: one per source (or batch of 2-D images), or one per series for a DICOM
-    source with many files (`_scan_big_dicom_sources`; a source where that scan finds no series joins `skips`)."""
+    source with many files (`_scan_big_dicom_sources`; a source where that scan finds no series joins `skips`).
+
+    Returns:
+        (the work items, notes of rows read series by series, ids of the parts the scan already wrote).
+    """
     kid = key_id(key)
+    groups = [(group, *part_id(group, ic, kid)) for group in _tasks(sources, ic.images_per_part)]
+    singles = {group[0].row: (group[0], pid) for group, pid, _ in groups if len(group) == 1}
+    scans, notes, written = _scan_big_dicom_sources(singles, ic, key, root, parts_dir, pool, progress)
     tasks = []
-    scans = _scan_big_dicom_sources(sources, ic, pool)
-    for group in _tasks(sources, ic.images_per_part):
-        pid, size = part_id(group, ic, kid)
+    for group, pid, size in groups:
         scan = scans.get(group[0].row) if len(group) == 1 else None
         if scan is None:
             tasks.append(Task(sources=group, cfg=ic, key=key, root=root, parts_dir=parts_dir, part_id=pid, size=size))
@@ -176,10 +221,10 @@ def _plan(
             skips.append(Skip(group[0].row, group[0].rel, " ".join(scan.split())[:300]))
         else:
             for plan in scan:
-                sid = hashlib.sha256(f"{pid}/series/{plan.index}/{plan.key}".encode()).hexdigest()[:24]
-                size = sum(f.stat().st_size for f in plan.files)
+                sid = series_part_id(pid, plan.key, plan.files)
+                size = 0 if sid in written else sum(f.stat().st_size for f in plan.files)  # only to order the pool
                 tasks.append(Task(group, ic, key, root, parts_dir, sid, size, plan))
-    return tasks
+    return tasks, notes, written
 
 
 class _Workers:
@@ -189,6 +234,12 @@ class _Workers:
     def __init__(self, n: int):
         self.n = n
         self._pool: ProcessPoolExecutor | None = None
+
+    def reset_if_broken(self) -> None:
+        """Drop a pool whose worker died (the next `get` starts a new one)."""
+        if self._pool is not None and getattr(self._pool, "_broken", False):
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = None
 
     def get(self) -> ProcessPoolExecutor:
         if self._pool is None:
@@ -284,7 +335,7 @@ class _Assembly:
         if res is not None and "failed" in res:
             if task.series is not None:  # one series of a source: the others may still give slices
                 plan, row = task.series, task.sources[0].row
-                self._add_part(row, 0, [f"series {plan.index + 1}/{plan.total} skipped: {res['failed']}"])
+                self.add_notes(row, 0, [f"series {plan.index + 1}/{plan.total} skipped: {res['failed']}"])
                 return
             for s in task.sources:
                 self.report[s.row] = self._row(s.row, "skipped", res["failed"], 0)
@@ -293,7 +344,7 @@ class _Assembly:
         meta = read_json(path.with_suffix(".json"))
         for r in meta["report"]:
             if r["status"] == "part":  # one series of a source: merged into the source's row by `finish_reports`
-                self._add_part(r["row"], r["n_slices"], r["notes"])
+                self.add_notes(r["row"], r["n_slices"], r["notes"])
             else:
                 self.report[r["row"]] = self._row(r["row"], r["status"], r["reason"], r["n_slices"])
         self.slices.extend(meta["slices"])
@@ -303,7 +354,8 @@ class _Assembly:
                 self.writer = self.stack.enter_context(SliceWriter(self.out))
             self.writer.add_file(path, bytes.fromhex(meta["digests"]))
 
-    def _add_part(self, row: int, n_slices: int, notes: list[str]) -> None:
+    def add_notes(self, row: int, n_slices: int, notes: list[str]) -> None:
+        """Add slices and notes to a row read series by series (merged into one report row by `finish_reports`)."""
         n, before = self.parts.get(row, (0, []))
         self.parts[row] = (n + n_slices, before + notes)
 
@@ -317,20 +369,6 @@ class _Assembly:
     def _row(self, row: int, status: str, reason: str, n_slices: int) -> dict[str, Any]:
         source = self.by_row[row].rel
         return {"manifest_row": row, "source": source, "status": status, "reason": reason, "n_slices": n_slices}
-
-
-def _reusable(parts_dir: Path, pid: str) -> bool:
-    """Whether an earlier run left this part complete and intact (its images match the digests in its JSON)."""
-    meta_path = parts_dir / f"{pid}.json"
-    if not meta_path.is_file():
-        return False
-    try:
-        meta = read_json(meta_path)
-    except ValueError:
-        return False
-    if meta.get("version") != PART_VERSION:
-        return False
-    return not meta["slices"] or part_intact(parts_dir / f"{pid}.npy", bytes.fromhex(meta.get("digests", "")))
 
 
 def _patient_keys(slices: list[dict], by_row: dict[int, Source], pseudonym: Pseudonymizer, cfg: Config) -> list[str]:
@@ -423,11 +461,14 @@ def run_ingest(
     by_row = {s.row: s for s in sources}
     with ExitStack() as stack:
         pool = stack.enter_context(_Workers(workers))
-        tasks = _plan(sources, skips, ic, key, root, parts_dir, pool)
-        done_before = {t.part_id for t in tasks if _reusable(parts_dir, t.part_id)}
+        tasks, row_notes, scanned_parts = _plan(sources, skips, ic, key, root, parts_dir, pool, progress)
+        done_before = {t.part_id for t in tasks if t.part_id in scanned_parts or reusable(parts_dir, t.part_id)}
         todo = [t for t in tasks if t.part_id not in done_before]
+        n_reused = len(done_before - scanned_parts)
         # Parts stream into the dataset in manifest-row order as they finish; slices in volume order.
         asm = _Assembly(tasks, by_row, out, stack)
+        for row, notes in row_notes.items():
+            asm.add_notes(row, 0, notes)
         for t in tasks:
             if t.part_id in done_before:
                 asm.ready(t, None)
@@ -448,7 +489,7 @@ def run_ingest(
                 n_skipped,
                 report_rows,
                 seconds=time.perf_counter() - t0,
-                n_reused=len(tasks) - len(todo),
+                n_reused=n_reused,
                 n_items=len(tasks),
             )
         info = _finish(asm, cfg, report_rows, pseudonym, source_hash, mode, kid)
@@ -463,7 +504,7 @@ def run_ingest(
         classes=info["classes"],
         content_hash=info["content_hash"],
         seconds=time.perf_counter() - t0,
-        n_reused=len(tasks) - len(todo),
+        n_reused=n_reused,
         n_items=len(tasks),
     )
 

@@ -24,11 +24,12 @@ from medgan.ingest.manifest import Source
 from medgan.ingest.nifti import read_mask, read_nifti
 from medgan.ingest.normalize import Slices, normalize_image2d, normalize_volume
 from medgan.ingest.privacy import Pseudonymizer, perceptual_hash
-from medgan.ingest.store import checked_float16, image_digests
+from medgan.ingest.store import checked_float16, image_digests, part_intact
 from medgan.ingest.volume import Volume
-from medgan.io import atomic_write_json, atomic_write_npy
+from medgan.io import atomic_write_json, atomic_write_npy, read_json
 
-PART_VERSION = 3  # 3: per-slice digests in the .json; 2: <id>.npy + <id>.json; 1: one .npz
+# 4: a series part holds no notes of its source; 3: per-slice digests in the .json; 2: <id>.npy + <id>.json; 1: .npz
+PART_VERSION = 4
 # Config fields that change what a part holds; workers/splits/seed only affect scheduling and assembly.
 _ASSEMBLY_ONLY = ("workers", "split_fractions", "seed", "images_per_part", "dedup_max_distance", "dicom_scan_files")
 
@@ -50,24 +51,53 @@ class Task:
 @dataclass
 class SeriesPlan:
     """One series of a DICOM source whose header scan ran over the workers (`run_ingest` does this for a source with
-    many files): its work item reads just this series, and the parent merges the source's parts into one report row.
+    many files): its work item reads just this series, and the parent merges the source's parts into one report row
+    (the source's own notes, on files not used, go straight to that row).
 
     Attributes:
         key: the series key from the scan of the whole source (it names the volume's pseudonym).
         files: the series' files, in scan order.
         index: its position among the source's series; total: how many there are.
-        notes: source-level notes (files not used), carried by the first series' part.
         modality, n_slices, label_tags: as in `SeriesRef`.
+        headers: the files' parsed headers when the scan ran in this process (`scan_task`); else they are parsed
+            again when the series is read (datasets cost more to send between processes than to parse).
     """
 
     key: str
     files: list[Path]
     index: int
     total: int
-    notes: list[str]
     modality: str = "OT"
     n_slices: int = 0
     label_tags: dict[str, str] = field(default_factory=dict)
+    headers: list = field(default_factory=list, repr=False, compare=False)
+
+
+@dataclass
+class ScanTask:
+    """A piece of the header scan of a DICOM source with many files (`run_ingest`): files in scan order.
+
+    With `read` (the piece is a whole folder), the worker also reads and normalizes each series it finds wholly in
+    the piece and writes its part under the id the series' own work item would have (`series_part_id`), so those
+    headers are parsed once. A series with files in other pieces gets another id, and its work item reads it.
+    """
+
+    files: list[Path]
+    source: Source
+    cfg: IngestConfig
+    key: bytes
+    root: Path
+    parts_dir: Path
+    part_id: str  # the source's part id
+    read: bool
+
+
+def series_part_id(source_part_id: str, key: str, files: list[Path]) -> str:
+    """The part id of one series of a source: the source's part id, the series key and its exact file list (a series
+    found in one piece of a scan but with files in others gets a different id than the whole series)."""
+    h = hashlib.sha256(f"{source_part_id}/series/{key}/".encode())
+    h.update("\n".join(map(str, files)).encode())
+    return h.hexdigest()[:24]
 
 
 def _stats(path: Path | None) -> tuple[list[str], int]:
@@ -140,12 +170,12 @@ def _volumes(
             raise ValueError(no_series_reason(skips))
         numbered, total = list(enumerate(series)), len(series)
     else:
-        notes.extend(plan.notes)
         numbered, total = [(plan.index, plan)], plan.total
     for i, s in numbered:
         try:
-            if isinstance(s, SeriesPlan):  # headers parsed again here: Datasets cost more to send than to parse
-                s = dicom.SeriesRef(s.key, s.files, s.modality, s.n_slices, s.label_tags, dicom.read_headers(s.files))
+            if isinstance(s, SeriesPlan):
+                headers = s.headers or dicom.read_headers(s.files)
+                s = dicom.SeriesRef(s.key, s.files, s.modality, s.n_slices, s.label_tags, headers)
             label = src.label or (_label_from_tags(s.label_tags, cfg) if cfg.dicom_label_tag else "")
             vol = dicom.read_series(s, pseudonym)
         except Exception as e:  # one bad series does not sink the others
@@ -211,7 +241,8 @@ def process_source(
 
     Returns:
         (float16 image arrays, slice rows, the report row, normalization descriptions). With `plan` the report row
-        has status ``part`` and the raw ``notes``: the parent merges the source's parts (`source_report`).
+        has status ``part``, the raw ``notes`` (the parent merges the source's parts with `source_report`) and
+        ``clean``: the series was read and normalized without an error.
     """
     images: list[np.ndarray] = []
     rows: list[dict[str, Any]] = []
@@ -219,6 +250,7 @@ def process_source(
     used: set[str] = set()
     allowed = set(cfg.classes)
     error = None
+    n_read = n_failed = 0
     try:
         if src.kind == "image2d":
             img, fg = normalize_image2d(read_image2d(src.path), cfg)
@@ -242,6 +274,7 @@ def process_source(
         else:
             mask = read_mask(src.mask) if src.mask is not None else None
             for vol, label in _volumes(src, cfg, pseudonym, notes, plan):
+                n_read += 1
                 try:  # one bad series (or a mask that does not fit it) does not sink the others
                     if mask is not None and mask.shape != vol.data.shape:
                         raise ValueError(
@@ -263,13 +296,16 @@ def process_source(
                     rows.extend(_slice_rows(src, vol, sl, label))
                     used.add(sl.normalization)
                 except Exception as e:
+                    n_failed += 1
                     notes.append(f"a series was skipped: {_reason(e, src, root)}")
     except Exception as e:  # a bad source is reported and the rest goes on
         error = _reason(e, src, root)
     if plan is not None:
+        clean = error is None and n_read == 1 and not n_failed  # no note depends on the series' index
         if error is not None:
             images, rows, used, notes = [], [], set(), [*notes, f"series {plan.index + 1}/{plan.total}: {error}"]
-        return images, rows, {"row": src.row, "status": "part", "notes": notes, "n_slices": len(rows)}, used
+        report = {"row": src.row, "status": "part", "notes": notes, "n_slices": len(rows), "clean": clean}
+        return images, rows, report, used
     report = source_report(src.row, len(rows), notes, error)
     if report["status"] != "ok":
         images, rows, used = [], [], set()
@@ -279,32 +315,94 @@ def process_source(
 def run_task(task: Task) -> dict[str, Any]:
     """Process a work item and write its part atomically; returns a small summary for the parent."""
     pseudonym = Pseudonymizer(task.key)
-    res = int(task.cfg.resolution)
     images: list[np.ndarray] = []
     rows: list[dict[str, Any]] = []
     reports: list[dict[str, Any]] = []
     used: set[str] = set()
-    import torch
-
-    # One process per core: intra-op threads on small slices only spin (70x slower on a busy 2-core machine).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with _single_threaded():
         for src in task.sources:
             im, r, rep, u = process_source(src, task.cfg, pseudonym, task.root, task.series)
+            rep.pop("clean", None)
             images.extend(im)
             rows.extend(r)
             reports.append(rep)
             used |= u
-    finally:
-        torch.set_num_threads(threads)
-    path = task.parts_dir / f"{task.part_id}.npy"
-    arr = np.concatenate(images) if images else np.zeros((0, 1, res, res), np.float16)
+    write_part(task.parts_dir, task.part_id, int(task.cfg.resolution), images, rows, reports, used)
+    return {"n_slices": len(rows), "report": reports}
+
+
+def scan_task(task: ScanTask) -> dict[str, Any]:
+    """Scan a piece of a DICOM source's headers (`ScanTask`); with ``task.read``, also read each series lying wholly
+    in the piece into its part, unless an earlier run left that part. A series that fails is left to its own work
+    item, which reports it with its place among the source's series.
+
+    Returns:
+        {"scanned": the usable files (headers dropped for the trip back), "skips": files not used,
+        "written": ids of the parts written, "n_slices": slices in them}.
+    """
+    from medgan.ingest import dicom
+
+    src = task.source
+    scanned, skips = dicom.scan_files(task.files, src.path)
+    written: list[str] = []
+    n_slices = 0
+    if task.read:
+        pseudonym = Pseudonymizer(task.key)
+        series, _ = dicom.group_series(scanned, task.cfg.min_series_slices)
+        with _single_threaded():
+            for s in series:
+                sid = series_part_id(task.part_id, s.key, s.files)
+                if reusable(task.parts_dir, sid):
+                    continue
+                plan = SeriesPlan(s.key, s.files, 0, 1, s.modality, s.n_slices, s.label_tags, s.headers)
+                images, rows, report, used = process_source(src, task.cfg, pseudonym, task.root, plan)
+                if report.pop("clean"):
+                    write_part(task.parts_dir, sid, int(task.cfg.resolution), images, rows, [report], used)
+                    written.append(sid)
+                    n_slices += len(rows)
+    return {"scanned": [f.without_header() for f in scanned], "skips": skips, "written": written, "n_slices": n_slices}
+
+
+class _single_threaded:
+    """torch intra-op threads off inside the block: one process per core, and intra-op threads on small slices only
+    spin (70x slower on a busy 2-core machine)."""
+
+    def __enter__(self) -> None:
+        import torch
+
+        self.threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+
+    def __exit__(self, *_: Any) -> None:
+        import torch
+
+        torch.set_num_threads(self.threads)
+
+
+def write_part(
+    parts_dir: Path, pid: str, resolution: int, images: list[np.ndarray], rows: list[dict], reports: list[dict], used
+) -> None:
+    """Write a part atomically: its images (range-checked) and, last, its JSON with rows, reports and digests."""
+    path = parts_dir / f"{pid}.npy"
+    arr = np.concatenate(images) if images else np.zeros((0, 1, resolution, resolution), np.float16)
     arr = checked_float16(arr, 0, path)
     # The range check and the per-slice hashes are done here, in parallel, so the parent only copies the bytes.
     meta = {"version": PART_VERSION, "report": reports, "slices": rows, "normalization": sorted(used),
             "digests": image_digests(arr).hex()}  # fmt: skip
     # Pixels first, metadata last: the .json is the part's completion marker (see run_ingest's resume).
     atomic_write_npy(path, arr)
-    atomic_write_json(task.parts_dir / f"{task.part_id}.json", meta, compact=True)
-    return {"n_slices": len(rows), "report": reports}
+    atomic_write_json(parts_dir / f"{pid}.json", meta, compact=True)
+
+
+def reusable(parts_dir: Path, pid: str) -> bool:
+    """Whether an earlier run left this part complete and intact (its images match the digests in its JSON)."""
+    meta_path = parts_dir / f"{pid}.json"
+    if not meta_path.is_file():
+        return False
+    try:
+        meta = read_json(meta_path)
+    except ValueError:
+        return False
+    if meta.get("version") != PART_VERSION:
+        return False
+    return not meta["slices"] or part_intact(parts_dir / f"{pid}.npy", bytes.fromhex(meta.get("digests", "")))

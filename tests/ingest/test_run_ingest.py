@@ -309,16 +309,34 @@ def test_the_pool_gets_the_largest_sources_first(nifti_root, tmp_path):
     assert order == [big, big + 2, small, small + 2]
 
 
-def test_a_dicom_tree_in_one_row_is_read_series_by_series_with_the_same_result(shared_data, tmp_path):
+@pytest.mark.parametrize(
+    ("layout", "read_in_scan"),
+    [("folders", 5), ("split_series", 4), ("flat", 0)],
+)
+def test_a_dicom_tree_in_one_row_is_read_series_by_series_with_the_same_result(
+    shared_data, tmp_path, layout, read_in_scan
+):
     """One manifest row holding a whole DICOM tree (5 series, a truncated file, a non-DICOM file): with workers its
     header scan is split into pieces and each series is its own work item, and the dataset and report are those of a
-    serial read of the row."""
+    serial read of the row. A folder within its share of the files is scanned and read by one worker (each header
+    parsed once); a series split over two folders, or a folder too big to be one piece, is read by its own item."""
+    from medgan.ingest import _plan, _Workers
+    from medgan.ingest.manifest import read_manifest
+
     tree = tmp_path / "root" / "archive"
     shutil.copytree(require(shared_data / "dicom/mr_decubitus_t1_4positions"), tree / "mr")
     shutil.copytree(require(shared_data / "dicom/ct_tcia_kits00072_18slices"), tree / "ct" / "kits")
     cut = tree / "ct" / "kits" / "1-005.dcm"
     cut.write_bytes(cut.read_bytes()[:3000])
     (tree / "ct" / "notes.bin").write_bytes(b"not DICOM")
+    (tree / "mr" / "PROVENANCE.md").unlink()
+    if layout == "split_series":  # the CT series' files in two folders
+        for f in sorted((tree / "ct" / "kits").glob("*.dcm"))[9:]:
+            (tree / "ct" / "kits2").mkdir(exist_ok=True)
+            f.rename(tree / "ct" / "kits2" / f.name)
+    elif layout == "flat":  # every file in one folder: bigger than a worker's share, scanned in pieces
+        for f in sorted(p for p in tree.rglob("*") if p.is_file()):
+            f.rename(tree / f.name)
     manifest = _write_manifest(tmp_path / "root" / "m.csv", [{"source": "archive"}])
     labels = ["ingest.dicom_label_tag=SeriesDescription", "ingest.dicom_label_map={arterial: ct, t1_fl2d_sag: mr}"]
     reports, runs = {}, {"serial": ["ingest.workers=1"], "split": ["ingest.workers=2", "ingest.dicom_scan_files=8"]}
@@ -327,9 +345,24 @@ def test_a_dicom_tree_in_one_row_is_read_series_by_series_with_the_same_result(s
             _cfg(*labels, *sets), tmp_path / name, manifest=manifest, key_file=tmp_path / "k.key", progress=False
         )
     serial, split = reports["serial"], reports["split"]
-    assert serial.n_items == 1 and split.n_items == 5  # one work item per series
+    assert serial.n_items == 1 and split.n_items == 5 and split.n_reused == 0  # one work item per series
     assert split.report == serial.report and serial.report[0]["status"] == "ok"
-    assert serial.report[0]["reason"].startswith("2 file(s) not used (not a DICOM file; not an image")  # cut header
+    reason = serial.report[0]["reason"]
+    assert reason.startswith("2 file(s) not used (") and "not a DICOM file" in reason and "not an image" in reason
     assert split.content_hash == serial.content_hash
     a, b = SliceDataset.open(tmp_path / "serial"), SliceDataset.open(tmp_path / "split")
     assert a.classes == ["ct", "mr"] and len(set(a.column("volume"))) == 5 and a.table == b.table
+
+    # Which series the scan itself read: their parts are there before any work item runs.
+    cfg = _cfg(*labels, *runs["split"]).ingest
+    sources, skips, _ = read_manifest(manifest, tmp_path / "root", cfg)
+    parts = tmp_path / "plan.parts"
+    parts.mkdir()
+    with _Workers(2) as pool:
+        tasks, notes, written = _plan(sources, skips, cfg, b"k" * 32, tmp_path / "root", parts, pool)
+    assert len(tasks) == 5 and sum(t.part_id in written for t in tasks) == read_in_scan
+    (row_notes,) = notes.values()  # the files not used are the row's own note, first in its reason
+    assert len(row_notes) == 1 and reason.startswith(row_notes[0] + ";")
+    with _Workers(2) as pool:  # as after an interruption: the scan keeps the parts it finds and reads nothing again
+        tasks, _, written = _plan(sources, [], cfg, b"k" * 32, tmp_path / "root", parts, pool)
+    assert not written and sum(worker.reusable(parts, t.part_id) for t in tasks) == read_in_scan
