@@ -371,6 +371,13 @@ class _Assembly:
         return {"manifest_row": row, "source": source, "status": status, "reason": reason, "n_slices": n_slices}
 
 
+@functools.lru_cache(maxsize=4096)
+def _stem(rel: str) -> str:
+    """A source's file name without its extension (``.nii.gz`` as one): the patient key of a file without one."""
+    name = Path(rel).name
+    return name[: -len(".nii.gz")] if name.lower().endswith(".nii.gz") else Path(name).stem
+
+
 def _patient_keys(slices: list[dict], by_row: dict[int, Source], pseudonym: Pseudonymizer, cfg: Config) -> list[str]:
     """The pseudonymous patient key of every slice (manifest id, DICOM PatientID, file stem, or duplicate group)."""
     pseudonym = functools.lru_cache(maxsize=None)(pseudonym)  # one keyed hash per source, not per slice
@@ -385,9 +392,7 @@ def _patient_keys(slices: list[dict], by_row: dict[int, Source], pseudonym: Pseu
         elif src.kind == "image2d":
             need_group.append(i)
         else:
-            name = Path(src.rel).name
-            stem = name[: -len(".nii.gz")] if name.lower().endswith(".nii.gz") else Path(name).stem
-            keys[i] = pseudonym("file:" + stem)
+            keys[i] = pseudonym("file:" + _stem(src.rel))
     if need_group:
         hashes = np.array([np.frombuffer(bytes.fromhex(slices[i]["phash"]), ">u8") for i in need_group], np.uint64)
         groups = group_near_duplicates(hashes, cfg.ingest.dedup_max_distance)

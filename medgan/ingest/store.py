@@ -43,15 +43,24 @@ REPORT_COLUMNS = ("manifest_row", "source", "status", "reason", "n_slices")
 
 
 def _csv_text(columns: Sequence[str], rows: Sequence[dict[str, Any]]) -> str:
+    """The rows as CSV text with `columns` (a key outside them raises ValueError, as ``csv.DictWriter`` would)."""
     buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=list(columns), lineterminator="\n", extrasaction="raise")
-    w.writeheader()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(columns)
+    known = frozenset(columns)
     for r in rows:
-        w.writerow({c: _fmt(r.get(c, "")) for c in columns})
+        if not known.issuperset(r):
+            raise ValueError(f"dict contains fields not in fieldnames: {sorted(set(r) - known)}")
+        w.writerow([_fmt(r.get(c, "")) for c in columns])
     return buf.getvalue()
 
 
 def _fmt(v: Any) -> str:
+    kind = type(v)
+    if kind is str:
+        return v
+    if kind is int:
+        return str(v)
     if v is None:
         return ""
     if isinstance(v, (float, np.floating)):
