@@ -299,8 +299,9 @@ def workers_scaling(nii: Path, tmp: Path, copies: int, rounds: int = 3) -> dict:
 
 
 def dicom_tree_scaling(tmp: Path, n_series: int, n_slices: int, rounds: int = 3) -> dict:
-    """One manifest row holding a DICOM tree of several series: with 2 workers its header scan is split over them
-    and each series is a work item (``ingest.dicom_scan_files``); with one, the row is read series after series."""
+    """One manifest row holding a DICOM tree of several series, one folder each: with 2 workers the folders are spread
+    over them, and the worker that scans a folder reads its series (``ingest.dicom_scan_files``); with one, the row
+    is read series after series."""
     tree = tmp / "tree"
     for k in range(n_series):
         write_dicom_series(tree / f"series{k}", n_slices)

@@ -43,8 +43,8 @@ class IngestConfig:
     classes: list[str] = field(default_factory=list)  # allowed class names (index = label); empty = sorted names found
     image_normalization: str = "minmax"  # 2-D PNG/JPEG intensities: minmax | percentile (uses mr_percentiles)
     images_per_part: int = 256  # 2-D images processed (and resumed) together as one work item
-    # A DICOM source (one manifest row) with at least this many files has its header scan split over the workers and
-    # each of its series read as a work item of its own; smaller ones are one work item. Same dataset either way.
+    # A DICOM source (one manifest row) with at least this many files has its header scan split over the workers
+    # (folder by folder) and each of its series read as a work item of its own; smaller ones are one work item.
     dicom_scan_files: int = 512
 
 
