@@ -104,7 +104,8 @@ def _medgan(kind: str, path: str) -> int:
         vol = read_nifti(path, modality="CT")
         return len(normalize_volume(vol, cfg).images)
     series, _ = dicom.discover_series(Path(path))
-    return sum(len(normalize_volume(dicom.read_series(s, Pseudonymizer(b"k" * 32)), cfg).images) for s in series)
+    pseudonym = Pseudonymizer(b"k" * 32)
+    return sum(len(normalize_volume(dicom.read_series(s, pseudonym, reuse=True), cfg).images) for s in series)
 
 
 def _monai(kind: str, path: str) -> int:

@@ -177,7 +177,7 @@ def _volumes(
                 headers = s.headers or dicom.read_headers(s.files)
                 s = dicom.SeriesRef(s.key, s.files, s.modality, s.n_slices, s.label_tags, headers)
             label = src.label or (_label_from_tags(s.label_tags, cfg) if cfg.dicom_label_tag else "")
-            vol = dicom.read_series(s, pseudonym)
+            vol = dicom.read_series(s, pseudonym, reuse=True)  # normalized before the next is read
         except Exception as e:  # one bad series does not sink the others
             notes.append(f"series {i + 1}/{total} skipped: {_reason(e, src, src.path)}")
             continue
