@@ -779,6 +779,8 @@ def _order(positions: np.ndarray, notes: list[str]) -> tuple[np.ndarray, float]:
 
 
 _reused = threading.local()  # `read_series(reuse=True)`: the memory of the thread's last volume
+if hasattr(os, "register_at_fork"):  # a forked worker makes its own: writing to the parent's would copy each page
+    os.register_at_fork(after_in_child=lambda: setattr(_reused, "buf", None))
 
 
 def _volume_memory(shape: tuple[int, ...], dtype: np.dtype | type, reuse: bool) -> np.ndarray:
