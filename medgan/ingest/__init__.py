@@ -259,6 +259,12 @@ class _Workers:
             self._pool.shutdown(wait=exc_type is None, cancel_futures=exc_type is not None)
 
 
+def _release_memory() -> None:
+    from medgan.ingest import dicom
+
+    dicom.release_volume_memory()
+
+
 def largest_first(tasks: list[Task]) -> list[Task]:
     """The pool's submission order: largest sources first (manifest order among equals), so a run does not end with
     one worker busy on a big volume while the others wait. Parts are still assembled in manifest order."""
@@ -465,6 +471,7 @@ def run_ingest(
     workers = ic.workers or os.cpu_count() or 1
     by_row = {s.row: s for s in sources}
     with ExitStack() as stack:
+        stack.callback(_release_memory)  # what volumes read in this process left (one worker, or one item)
         pool = stack.enter_context(_Workers(workers))
         tasks, row_notes, scanned_parts = _plan(sources, skips, ic, key, root, parts_dir, pool, progress)
         done_before = {t.part_id for t in tasks if t.part_id in scanned_parts or reusable(parts_dir, t.part_id)}

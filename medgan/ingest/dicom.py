@@ -797,6 +797,12 @@ def _volume_memory(shape: tuple[int, ...], dtype: np.dtype | type, reuse: bool) 
     return buf[:need].view(dtype).reshape(shape)
 
 
+def release_volume_memory() -> None:
+    """Free this thread's reused volume memory (`read_series(reuse=True)`): after an in-process ingest, so a caller
+    does not keep a volume's worth of memory, nor hand it to the processes it forks later."""
+    _reused.buf = None
+
+
 @_quiet
 def read_series(series: SeriesRef, pseudonym: Callable[[str], str], reuse: bool = False) -> Volume:
     """Decode one series into a float32 Volume in physical units and canonical RAS+ orientation.

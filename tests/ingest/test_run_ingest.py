@@ -320,7 +320,7 @@ def test_a_dicom_tree_in_one_row_is_read_series_by_series_with_the_same_result(
     header scan is split into pieces and each series is its own work item, and the dataset and report are those of a
     serial read of the row. A folder within its share of the files is scanned and read by one worker (each header
     parsed once); a series split over two folders, or a folder too big to be one piece, is read by its own item."""
-    from medgan.ingest import _plan, _Workers
+    from medgan.ingest import _plan, _Workers, dicom
     from medgan.ingest.manifest import read_manifest
 
     tree = tmp_path / "root" / "archive"
@@ -345,6 +345,7 @@ def test_a_dicom_tree_in_one_row_is_read_series_by_series_with_the_same_result(
             _cfg(*labels, *sets), tmp_path / name, manifest=manifest, key_file=tmp_path / "k.key", progress=False
         )
     serial, split = reports["serial"], reports["split"]
+    assert getattr(dicom._reused, "buf", "unset") is None  # the serial run's reused volume memory is freed
     assert serial.n_items == 1 and split.n_items == 5 and split.n_reused == 0  # one work item per series
     assert split.report == serial.report and serial.report[0]["status"] == "ok"
     reason = serial.report[0]["reason"]
