@@ -35,6 +35,7 @@ from medgan.ingest.worker import (
     SeriesPlan,
     Task,
     discovery_notes,
+    large_buffers_reused,
     no_series_reason,
     part_id,
     reusable,
@@ -471,6 +472,7 @@ def run_ingest(
     workers = ic.workers or os.cpu_count() or 1
     by_row = {s.row: s for s in sources}
     with ExitStack() as stack:
+        stack.enter_context(large_buffers_reused())  # before the pool: its workers inherit it
         stack.callback(_release_memory)  # what volumes read in this process left (one worker, or one item)
         pool = stack.enter_context(_Workers(workers))
         tasks, row_notes, scanned_parts = _plan(sources, skips, ic, key, root, parts_dir, pool, progress)

@@ -7,6 +7,8 @@ the JSON last: a part whose JSON exists is complete, and its digests tell whethe
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -361,6 +363,46 @@ def scan_task(task: ScanTask) -> dict[str, Any]:
                     written.append(sid)
                     n_slices += len(rows)
     return {"scanned": [f.without_header() for f in scanned], "skips": skips, "written": written, "n_slices": n_slices}
+
+
+@contextlib.contextmanager
+def large_buffers_reused():
+    """Inside the block, glibc's malloc keeps freed memory for the next allocation instead of unmapping it (processes
+    forked inside the block inherit this); on leaving, the defaults come back and the kept memory is released.
+
+    A volume is ~100 MB (the decoded .nii.gz bytes, the stored-value stack); glibc maps each such block afresh and
+    unmaps it when freed, so every volume pays a page fault and the kernel zeroing each page before it is written.
+    Measured on 12 .nii.gz volumes with `run_ingest` on this 2-core VM: 620-635 -> 850-870 slices/s with one worker,
+    1,137-1,235 -> 1,389-1,425 with two. Elsewhere than glibc (macOS, Windows, musl) this does nothing.
+    """
+    libc = _glibc()
+    if libc is None:
+        yield
+        return
+    m_trim_threshold, m_mmap_threshold = -1, -3  # mallopt parameters (malloc.h)
+    libc.mallopt(m_mmap_threshold, 1 << 30)  # blocks up to 1 GB come from the heap...
+    libc.mallopt(m_trim_threshold, (1 << 31) - 1)  # ...which keeps what is freed
+    try:
+        yield
+    finally:
+        libc.mallopt(m_mmap_threshold, 128 * 1024)  # glibc's defaults
+        libc.mallopt(m_trim_threshold, 128 * 1024)
+        libc.malloc_trim(0)
+
+
+@functools.lru_cache(maxsize=1)
+def _glibc() -> Any:
+    """The C library when it is glibc (it has mallopt and malloc_trim), else None."""
+    import ctypes
+    import platform
+
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return None
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
+    except OSError:
+        return None
 
 
 class _single_threaded:
