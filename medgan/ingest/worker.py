@@ -372,8 +372,8 @@ def large_buffers_reused():
 
     A volume is ~100 MB (the decoded .nii.gz bytes, the stored-value stack); glibc maps each such block afresh and
     unmaps it when freed, so every volume pays a page fault and the kernel zeroing each page before it is written.
-    Measured on 12 .nii.gz volumes with `run_ingest` on this 2-core VM: 620-635 -> 850-870 slices/s with one worker,
-    1,137-1,235 -> 1,389-1,425 with two. Elsewhere than glibc (macOS, Windows, musl) this does nothing.
+    Measured on 12 .nii.gz volumes with `run_ingest` on this 2-core VM: 620-635 -> 830-870 slices/s with one worker,
+    1,137-1,235 -> 1,389-1,513 with two. Elsewhere than glibc (macOS, Windows, musl) this does nothing.
     """
     libc = _glibc()
     if libc is None:
