@@ -367,3 +367,27 @@ def test_a_dicom_tree_in_one_row_is_read_series_by_series_with_the_same_result(
     with _Workers(2) as pool:  # as after an interruption: the scan keeps the parts it finds and reads nothing again
         tasks, _, written = _plan(sources, [], cfg, b"k" * 32, tmp_path / "root", parts, pool)
     assert not written and sum(worker.reusable(parts, t.part_id) for t in tasks) == read_in_scan
+
+
+def test_large_buffers_are_reused_inside_the_block_and_given_back_after():
+    """Inside `large_buffers_reused` a freed 64 MB block is reused by the next one (no new page faults); outside it,
+    glibc maps each afresh (a fault per page touched)."""
+    import resource
+
+    from medgan.ingest.worker import _glibc, large_buffers_reused
+
+    if _glibc() is None:
+        pytest.skip("glibc only")
+
+    def faults_of_second_block() -> int:
+        a = np.ones(1 << 26, np.uint8)  # 64 MB, every page touched
+        del a
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        b = np.ones(1 << 26, np.uint8)
+        del b
+        return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+    with large_buffers_reused():
+        inside = faults_of_second_block()
+    outside = faults_of_second_block()
+    assert inside < 8 and outside >= 32  # 2 MB pages at best: 32 faults for 64 MB
