@@ -105,8 +105,7 @@ def _medgan(kind: str, path: str) -> int:
         vol = read_nifti(path, modality="CT")
         return len(normalize_volume(vol, cfg).images)
     series, _ = dicom.discover_series(Path(path))
-    pseudonym = Pseudonymizer(b"k" * 32)
-    return sum(len(normalize_volume(dicom.read_series(s, pseudonym, reuse=True), cfg).images) for s in series)
+    return sum(len(normalize_volume(dicom.read_series(s, Pseudonymizer(b"k" * 32)), cfg).images) for s in series)
 
 
 def _monai(kind: str, path: str) -> int:
@@ -136,21 +135,19 @@ def _child(fn_name: str, kind: str, path: str, repeats: int, q) -> None:
 
     # medgan's reader runs under the allocator setting `run_ingest` gives its workers (`large_buffers_reused`), with its
     # reference; the baseline is MONAI as a user runs it, with glibc's defaults.
-    stack = contextlib.ExitStack()
-    if fn_name == "medgan":
-        stack.enter_context(large_buffers_reused())
-    ref = _reference(kind, path) if fn_name == "medgan" else None
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    times, ref_times = [], []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        n = fn(kind, path)
-        times.append(time.perf_counter() - t0)
-        if ref is not None:  # the floor, timed right after each run: both see the same machine state
+    with large_buffers_reused() if fn_name == "medgan" else contextlib.nullcontext():
+        ref = _reference(kind, path) if fn_name == "medgan" else None
+        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        times, ref_times = [], []
+        for _ in range(repeats):
             t0 = time.perf_counter()
-            ref()
-            ref_times.append(time.perf_counter() - t0)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+            n = fn(kind, path)
+            times.append(time.perf_counter() - t0)
+            if ref is not None:  # the floor, timed right after each run: both see the same machine state
+                t0 = time.perf_counter()
+                ref()
+                ref_times.append(time.perf_counter() - t0)
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     q.put({"slices": n, "times": times, "ref_times": ref_times, "peak_mb": round((peak - base) / 1024, 1)})
 
 

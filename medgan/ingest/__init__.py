@@ -11,6 +11,7 @@ patient and the tables are written. The dataset is renamed into place only when 
 from __future__ import annotations
 
 import functools
+import itertools
 import os
 import shutil
 import sys
@@ -18,6 +19,7 @@ import time
 from collections import Counter, defaultdict
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, as_completed, wait
+from concurrent.futures.process import BrokenProcessPool
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -114,19 +116,13 @@ def _tasks(sources: list[Source], per_part: int) -> list[list[Source]]:
 
 def _by_folder(files: list[Path]) -> list[list[Path]]:
     """Files in scan order, cut where the folder changes (a folder's files are consecutive in `dicom_files`)."""
-    runs: list[list[Path]] = []
-    for f in files:
-        if runs and runs[-1][-1].parent == f.parent:
-            runs[-1].append(f)
-        else:
-            runs.append([f])
-    return runs
+    return [list(run) for _, run in itertools.groupby(files, key=lambda f: f.parent)]
 
 
 def _scan_big_dicom_sources(
     sources: dict[int, tuple[Source, str]], ic: Any, key: bytes, root: Path, parts_dir: Path, pool: _Workers,
     progress: bool,
-) -> tuple[dict[int, list[SeriesPlan] | str], dict[int, list[str]], set[str]]:  # fmt: skip
+) -> tuple[dict[int, list[SeriesPlan] | str], dict[int, list[str]], dict[str, bool]]:  # fmt: skip
     """Scan the headers of every DICOM source (row -> (source, part id)) with at least ``ic.dicom_scan_files`` files
     over the workers, and plan one work item per series. Without this, a manifest row that is a whole DICOM tree is
     read by one worker.
@@ -138,14 +134,14 @@ def _scan_big_dicom_sources(
 
     Returns:
         (row -> its series plans, or the reason it has none; row -> notes of the row itself (files not used);
-        the ids of the series parts the scan wrote).
+        series part id -> True if the scan wrote it, False if it found it intact from an earlier run).
     """
     from tqdm import tqdm
 
     from medgan.ingest import dicom
 
     if pool.n <= 1:
-        return {}, {}, set()
+        return {}, {}, {}
     pieces: list[tuple[int, ScanTask]] = []
     for row, (src, pid) in sources.items():
         if src.kind != "dicom" or src.mask is not None or not src.path.is_dir():
@@ -158,7 +154,7 @@ def _scan_big_dicom_sources(
             steps = [run] if len(run) <= share else [run[i : i + 64] for i in range(0, len(run), 64)]
             pieces += [(row, ScanTask(p, src, ic, key, root, parts_dir, pid, len(steps) == 1)) for p in steps]
     if not pieces:
-        return {}, {}, set()
+        return {}, {}, {}
     # The costliest pieces first (reading a file costs ~4x scanning it); results are used in scan order.
     order = sorted(range(len(pieces)), key=lambda i: -len(pieces[i][1].files) * (4 if pieces[i][1].read else 1))
     futures = {pool.get().submit(scan_task, pieces[i][1]): i for i in order}
@@ -169,20 +165,21 @@ def _scan_big_dicom_sources(
             i = futures[f]
             try:
                 results[i] = f.result()
-            except Exception:  # a crashed worker: scan the piece here, headers only; its series get work items
-                pool.reset_if_broken()
+            except Exception as e:  # a crashed worker: scan the piece here, headers only; its series get work items
+                if isinstance(e, BrokenProcessPool):
+                    pool.reset()
                 found, skips = dicom.scan_files(pieces[i][1].files, pieces[i][1].source.path)
-                results[i] = {"scanned": found, "skips": skips, "written": [], "n_slices": 0}
+                results[i] = {"scanned": found, "skips": skips, "parts": {}, "n_slices": 0}
             n_slices += results[i]["n_slices"]
             bar.update(1)
             bar.set_postfix_str(f"{n_slices / max(time.perf_counter() - t0, 1e-9):.0f} slices/s")
     scanned: dict[int, list] = defaultdict(list)
     skipped: dict[int, list] = defaultdict(list)
-    written: set[str] = set()
+    parts: dict[str, bool] = {}
     for i, (row, _) in enumerate(pieces):
         scanned[row].extend(results[i]["scanned"])
         skipped[row].extend(results[i]["skips"])
-        written.update(results[i]["written"])
+        parts.update(results[i]["parts"])
     plans: dict[int, list[SeriesPlan] | str] = {}
     notes: dict[int, list[str]] = {}
     for row in dict.fromkeys(r for r, _ in pieces):
@@ -196,23 +193,24 @@ def _scan_big_dicom_sources(
             SeriesPlan(s.key, s.files, i, len(series), s.modality, s.n_slices, s.label_tags)
             for i, s in enumerate(series)
         ]
-    return plans, notes, written
+    return plans, notes, parts
 
 
 def _plan(
     sources: list[Source], skips: list[Skip], ic: Any, key: bytes, root: Path, parts_dir: Path, pool: _Workers,
     progress: bool = False,
-) -> tuple[list[Task], dict[int, list[str]], set[str]]:  # fmt: skip
+) -> tuple[list[Task], dict[int, list[str]], dict[str, bool]]:  # fmt: skip
     """The work items in manifest order: one per source (or batch of 2-D images), or one per series for a DICOM
     source with many files (`_scan_big_dicom_sources`; a source where that scan finds no series joins `skips`).
 
     Returns:
-        (the work items, notes of rows read series by series, ids of the parts the scan already wrote).
+        (the work items, notes of rows read series by series, the parts the scan found ready: id -> True when it
+        wrote the part, False when an earlier run had left it intact).
     """
     kid = key_id(key)
     groups = [(group, *part_id(group, ic, kid)) for group in _tasks(sources, ic.images_per_part)]
     singles = {group[0].row: (group[0], pid) for group, pid, _ in groups if len(group) == 1}
-    scans, notes, written = _scan_big_dicom_sources(singles, ic, key, root, parts_dir, pool, progress)
+    scans, notes, ready = _scan_big_dicom_sources(singles, ic, key, root, parts_dir, pool, progress)
     tasks = []
     for group, pid, size in groups:
         scan = scans.get(group[0].row) if len(group) == 1 else None
@@ -223,9 +221,9 @@ def _plan(
         else:
             for plan in scan:
                 sid = series_part_id(pid, plan.key, plan.files)
-                size = 0 if sid in written else sum(f.stat().st_size for f in plan.files)  # only to order the pool
+                size = 0 if sid in ready else sum(f.stat().st_size for f in plan.files)  # only to order the pool
                 tasks.append(Task(group, ic, key, root, parts_dir, sid, size, plan))
-    return tasks, notes, written
+    return tasks, notes, ready
 
 
 class _Workers:
@@ -236,9 +234,9 @@ class _Workers:
         self.n = n
         self._pool: ProcessPoolExecutor | None = None
 
-    def reset_if_broken(self) -> None:
-        """Drop a pool whose worker died (the next `get` starts a new one)."""
-        if self._pool is not None and getattr(self._pool, "_broken", False):
+    def reset(self) -> None:
+        """Drop the pool (one whose worker died: the next `get` starts a new one)."""
+        if self._pool is not None:
             self._pool.shutdown(wait=False, cancel_futures=True)
             self._pool = None
 
@@ -258,12 +256,6 @@ class _Workers:
     def __exit__(self, exc_type: Any, *_: Any) -> None:
         if self._pool is not None:
             self._pool.shutdown(wait=exc_type is None, cancel_futures=exc_type is not None)
-
-
-def _release_memory() -> None:
-    from medgan.ingest import dicom
-
-    dicom.release_volume_memory()
 
 
 def largest_first(tasks: list[Task]) -> list[Task]:
@@ -473,12 +465,11 @@ def run_ingest(
     by_row = {s.row: s for s in sources}
     with ExitStack() as stack:
         stack.enter_context(large_buffers_reused())  # before the pool: its workers inherit it
-        stack.callback(_release_memory)  # what volumes read in this process left (one worker, or one item)
         pool = stack.enter_context(_Workers(workers))
-        tasks, row_notes, scanned_parts = _plan(sources, skips, ic, key, root, parts_dir, pool, progress)
-        done_before = {t.part_id for t in tasks if t.part_id in scanned_parts or reusable(parts_dir, t.part_id)}
+        tasks, row_notes, ready = _plan(sources, skips, ic, key, root, parts_dir, pool, progress)
+        done_before = {t.part_id for t in tasks if t.part_id in ready or reusable(parts_dir, t.part_id)}
         todo = [t for t in tasks if t.part_id not in done_before]
-        n_reused = len(done_before - scanned_parts)
+        n_reused = sum(not ready.get(pid, False) for pid in done_before)  # parts the scan just wrote are not reused
         # Parts stream into the dataset in manifest-row order as they finish; slices in volume order.
         asm = _Assembly(tasks, by_row, out, stack)
         for row, notes in row_notes.items():

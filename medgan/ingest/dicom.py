@@ -26,7 +26,6 @@ import io
 import mmap
 import os
 import re
-import threading
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -778,33 +777,8 @@ def _order(positions: np.ndarray, notes: list[str]) -> tuple[np.ndarray, float]:
     return keep_arr, step
 
 
-_reused = threading.local()  # `read_series(reuse=True)`: the memory of the thread's last volume
-if hasattr(os, "register_at_fork"):  # a forked worker makes its own: writing to the parent's would copy each page
-    os.register_at_fork(after_in_child=lambda: setattr(_reused, "buf", None))
-
-
-def _volume_memory(shape: tuple[int, ...], dtype: np.dtype | type, reuse: bool) -> np.ndarray:
-    """An uninitialised array for a volume; with `reuse`, on memory this thread's last such volume used (grown when
-    too small), whose pages are already mapped: fresh memory costs a page fault and the kernel zeroing each page,
-    ~30 us per 512x512 int16 slice here, a third of reading it from the page cache."""
-    if not reuse:
-        return np.empty(shape, dtype)
-    need = int(np.prod(shape)) * np.dtype(dtype).itemsize
-    buf = getattr(_reused, "buf", None)
-    if buf is None or buf.nbytes < need:
-        _reused.buf = None  # the old buffer goes before the new one is made
-        buf = _reused.buf = np.empty(need, np.uint8)
-    return buf[:need].view(dtype).reshape(shape)
-
-
-def release_volume_memory() -> None:
-    """Free this thread's reused volume memory (`read_series(reuse=True)`): after an in-process ingest, so a caller
-    does not keep a volume's worth of memory, nor hand it to the processes it forks later."""
-    _reused.buf = None
-
-
 @_quiet
-def read_series(series: SeriesRef, pseudonym: Callable[[str], str], reuse: bool = False) -> Volume:
+def read_series(series: SeriesRef, pseudonym: Callable[[str], str]) -> Volume:
     """Decode one series into a float32 Volume in physical units and canonical RAS+ orientation.
 
     Values: the modality LUT (Rescale Slope/Intercept or a Modality LUT Sequence, per frame for enhanced objects) so CT
@@ -820,8 +794,6 @@ def read_series(series: SeriesRef, pseudonym: Callable[[str], str], reuse: bool 
         series: a `SeriesRef` from `discover_series`.
         pseudonym: keyed pseudonym function; patient = pseudonym("patient:" + PatientID), volume =
             pseudonym("series:" + key).
-        reuse: put the voxels in the memory of this thread's previous ``read_series(reuse=True)`` volume, which
-            must no longer be in use (a worker that normalizes one volume before reading the next).
 
     Returns:
         The Volume; ``positions_mm`` is the Superior coordinate of each axis-2 slice (the sorted slice positions for an
@@ -864,7 +836,7 @@ def read_series(series: SeriesRef, pseudonym: Callable[[str], str], reuse: bool 
     # series with one rescale keep their stored integers (half the memory of float32; normalization applies the
     # rescale after resizing); anything else becomes float32 physical values here.
     stored = _stored_layout(datasets, [frames[int(k)] for k in keep])
-    stack = _volume_memory((len(keep), rows, cols), stored[0] if stored else np.float32, reuse)
+    stack = np.empty((len(keep), rows, cols), dtype=stored[0] if stored else np.float32)
     per_file: list[list[tuple[int, _Frame]]] = [[] for _ in datasets]
     for s, k in enumerate(keep):
         per_file[frames[int(k)].file].append((s, frames[int(k)]))

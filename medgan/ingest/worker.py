@@ -179,7 +179,7 @@ def _volumes(
                 headers = s.headers or dicom.read_headers(s.files)
                 s = dicom.SeriesRef(s.key, s.files, s.modality, s.n_slices, s.label_tags, headers)
             label = src.label or (_label_from_tags(s.label_tags, cfg) if cfg.dicom_label_tag else "")
-            vol = dicom.read_series(s, pseudonym, reuse=True)  # normalized before the next is read
+            vol = dicom.read_series(s, pseudonym)
         except Exception as e:  # one bad series does not sink the others
             notes.append(f"series {i + 1}/{total} skipped: {_reason(e, src, src.path)}")
             continue
@@ -340,13 +340,14 @@ def scan_task(task: ScanTask) -> dict[str, Any]:
 
     Returns:
         {"scanned": the usable files (headers dropped for the trip back), "skips": files not used,
-        "written": ids of the parts written, "n_slices": slices in them}.
+        "parts": id -> True for each part written, False for each intact one an earlier run left,
+        "n_slices": slices in the parts written}.
     """
     from medgan.ingest import dicom
 
     src = task.source
     scanned, skips = dicom.scan_files(task.files, src.path)
-    written: list[str] = []
+    parts: dict[str, bool] = {}
     n_slices = 0
     if task.read:
         pseudonym = Pseudonymizer(task.key)
@@ -355,14 +356,15 @@ def scan_task(task: ScanTask) -> dict[str, Any]:
             for s in series:
                 sid = series_part_id(task.part_id, s.key, s.files)
                 if reusable(task.parts_dir, sid):
+                    parts[sid] = False
                     continue
                 plan = SeriesPlan(s.key, s.files, 0, 1, s.modality, s.n_slices, s.label_tags, s.headers)
                 images, rows, report, used = process_source(src, task.cfg, pseudonym, task.root, plan)
                 if report.pop("clean"):
                     write_part(task.parts_dir, sid, int(task.cfg.resolution), images, rows, [report], used)
-                    written.append(sid)
+                    parts[sid] = True
                     n_slices += len(rows)
-    return {"scanned": [f.without_header() for f in scanned], "skips": skips, "written": written, "n_slices": n_slices}
+    return {"scanned": [f.without_header() for f in scanned], "skips": skips, "parts": parts, "n_slices": n_slices}
 
 
 @contextlib.contextmanager
@@ -373,7 +375,8 @@ def large_buffers_reused():
     A volume is ~100 MB (the decoded .nii.gz bytes, the stored-value stack); glibc maps each such block afresh and
     unmaps it when freed, so every volume pays a page fault and the kernel zeroing each page before it is written.
     Measured on 12 .nii.gz volumes with `run_ingest` on this 2-core VM: 620-635 -> 830-870 slices/s with one worker,
-    1,137-1,235 -> 1,389-1,513 with two. Elsewhere than glibc (macOS, Windows, musl) this does nothing.
+    1,137-1,235 -> 1,389-1,513 with two; DICOM stacks gain the same way. Elsewhere than glibc (macOS, Windows, musl)
+    this does nothing.
     """
     libc = _glibc()
     if libc is None:
@@ -405,20 +408,18 @@ def _glibc() -> Any:
         return None
 
 
-class _single_threaded:
+@contextlib.contextmanager
+def _single_threaded():
     """torch intra-op threads off inside the block: one process per core, and intra-op threads on small slices only
     spin (70x slower on a busy 2-core machine)."""
+    import torch
 
-    def __enter__(self) -> None:
-        import torch
-
-        self.threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-
-    def __exit__(self, *_: Any) -> None:
-        import torch
-
-        torch.set_num_threads(self.threads)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def write_part(

@@ -206,21 +206,6 @@ def test_decubitus_series_share_one_orientation(shared_data: Path) -> None:
         assert all(secret not in " ".join([v.patient, v.volume, *v.notes]) for v in vols)
 
 
-def test_reused_volume_memory_gives_the_same_volumes(shared_data: Path) -> None:
-    """read_series(reuse=True) puts each volume in the memory of the last one (a worker normalizes one volume before
-    reading the next): every volume equals a fresh read, and the memory is shared, as documented."""
-    refs, _ = discover_series(require(shared_data / "dicom/mr_decubitus_t1_4positions"))
-    refs += discover_series(require(shared_data / "dicom/ct_tcia_kits00072_18slices"))[0]
-    previous = None
-    for ref in [*refs, refs[0]]:  # sizes up and down: the memory grows once, then is reused
-        fresh, reused = read_series(ref, pseudonym), read_series(ref, pseudonym, reuse=True)
-        assert reused.data.dtype == fresh.data.dtype and np.array_equal(reused.data, fresh.data)
-        assert (reused.spacing_mm, reused.volume, reused.notes) == (fresh.spacing_mm, fresh.volume, fresh.notes)
-        if previous is not None and previous.data.nbytes >= reused.data.nbytes:
-            assert np.shares_memory(previous.data, reused.data)
-        previous = reused
-
-
 def test_nine_transfer_syntaxes_decode_equal(shared_data: Path) -> None:
     folder = require(shared_data / "dicom/odd/transfer_syntaxes_same_image")
     arrays = []
