@@ -320,7 +320,7 @@ def test_a_dicom_tree_in_one_row_is_read_series_by_series_with_the_same_result(
     header scan is split into pieces and each series is its own work item, and the dataset and report are those of a
     serial read of the row. A folder within its share of the files is scanned and read by one worker (each header
     parsed once); a series split over two folders, or a folder too big to be one piece, is read by its own item."""
-    from medgan.ingest import _plan, _Workers, dicom
+    from medgan.ingest import _plan, _Workers
     from medgan.ingest.manifest import read_manifest
 
     tree = tmp_path / "root" / "archive"
@@ -345,7 +345,6 @@ def test_a_dicom_tree_in_one_row_is_read_series_by_series_with_the_same_result(
             _cfg(*labels, *sets), tmp_path / name, manifest=manifest, key_file=tmp_path / "k.key", progress=False
         )
     serial, split = reports["serial"], reports["split"]
-    assert getattr(dicom._reused, "buf", "unset") is None  # the serial run's reused volume memory is freed
     assert serial.n_items == 1 and split.n_items == 5 and split.n_reused == 0  # one work item per series
     assert split.report == serial.report and serial.report[0]["status"] == "ok"
     reason = serial.report[0]["reason"]
@@ -360,13 +359,14 @@ def test_a_dicom_tree_in_one_row_is_read_series_by_series_with_the_same_result(
     parts = tmp_path / "plan.parts"
     parts.mkdir()
     with _Workers(2) as pool:
-        tasks, notes, written = _plan(sources, skips, cfg, b"k" * 32, tmp_path / "root", parts, pool)
-    assert len(tasks) == 5 and sum(t.part_id in written for t in tasks) == read_in_scan
+        tasks, notes, ready = _plan(sources, skips, cfg, b"k" * 32, tmp_path / "root", parts, pool)
+    assert len(tasks) == 5 and sum(ready.get(t.part_id, False) for t in tasks) == read_in_scan  # written by the scan
     (row_notes,) = notes.values()  # the files not used are the row's own note, first in its reason
     assert len(row_notes) == 1 and reason.startswith(row_notes[0] + ";")
     with _Workers(2) as pool:  # as after an interruption: the scan keeps the parts it finds and reads nothing again
-        tasks, _, written = _plan(sources, [], cfg, b"k" * 32, tmp_path / "root", parts, pool)
-    assert not written and sum(worker.reusable(parts, t.part_id) for t in tasks) == read_in_scan
+        tasks, _, ready = _plan(sources, [], cfg, b"k" * 32, tmp_path / "root", parts, pool)
+    assert not any(ready.values()) and sum(worker.reusable(parts, t.part_id) for t in tasks) == read_in_scan
+    assert sum(t.part_id in ready for t in tasks) == read_in_scan  # found intact by the scan, not checked again
 
 
 def test_large_buffers_are_reused_inside_the_block_and_given_back_after():
@@ -391,3 +391,35 @@ def test_large_buffers_are_reused_inside_the_block_and_given_back_after():
         inside = faults_of_second_block()
     outside = faults_of_second_block()
     assert inside < 8 and outside >= 32  # 2 MB pages at best: 32 faults for 64 MB
+
+
+def _crash(task):
+    os._exit(3)  # a worker dying mid-piece, as a decoder crash would
+
+
+def test_a_scan_piece_whose_worker_dies_is_scanned_again_and_its_series_still_land(shared_data, tmp_path, monkeypatch):
+    """Every scan piece of a DICOM tree row kills its worker: the parent scans the pieces itself (headers only), starts
+    a new pool, and the series' own work items give the dataset and report of a serial read."""
+    import medgan.ingest as ingest
+
+    tree = tmp_path / "root" / "archive"
+    shutil.copytree(require(shared_data / "dicom/mr_decubitus_t1_4positions"), tree)
+    (tree / "PROVENANCE.md").unlink()
+    manifest = _write_manifest(tmp_path / "root" / "m.csv", [{"source": "archive", "label": "mr"}])
+    serial = run_ingest(_cfg(), tmp_path / "serial", manifest=manifest, key_file=tmp_path / "k.key", progress=False)
+    from medgan.ingest import dicom
+
+    scanned_here = []  # scans in this (parent) process: only the fallback for a dead worker's piece
+    scan_files = dicom.scan_files
+    monkeypatch.setattr(dicom, "scan_files", lambda *a: scanned_here.append(a) or scan_files(*a))
+    monkeypatch.setattr(ingest, "scan_task", _crash)
+    split = run_ingest(
+        _cfg("ingest.workers=2", "ingest.dicom_scan_files=8"),
+        tmp_path / "split",
+        manifest=manifest,
+        key_file=tmp_path / "k.key",
+        progress=False,
+    )
+    assert split.n_items == 4 and split.report == serial.report and serial.report[0]["status"] == "ok"
+    assert split.content_hash == serial.content_hash
+    assert len(scanned_here) == 4  # each of the 4 series folders was a piece, and each was scanned again here
