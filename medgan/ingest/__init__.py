@@ -240,6 +240,12 @@ class _Workers:
             self._pool.shutdown(wait=False, cancel_futures=True)
             self._pool = None
 
+    def release(self) -> None:
+        """No more work: the workers exit while the parent goes on (writing the tables), not after it."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=False)
+            self._pool = None
+
     def get(self) -> ProcessPoolExecutor:
         if self._pool is None:
             import multiprocessing as mp
@@ -478,6 +484,7 @@ def run_ingest(
             if t.part_id in done_before:
                 asm.ready(t, None)
         _execute(todo, pool, progress, asm.ready)
+        pool.release()
         asm.finish_reports()
         for s in skips:
             asm.report[s.row] = {"manifest_row": s.row, "source": s.rel, "status": "skipped", "reason": s.reason,

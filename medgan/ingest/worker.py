@@ -432,9 +432,11 @@ def write_part(
     # The range check and the per-slice hashes are done here, in parallel, so the parent only copies the bytes.
     meta = {"version": PART_VERSION, "report": reports, "slices": rows, "normalization": sorted(used),
             "digests": image_digests(arr).hex()}  # fmt: skip
-    # Pixels first, metadata last: the .json is the part's completion marker (see run_ingest's resume).
-    atomic_write_npy(path, arr)
-    atomic_write_json(parts_dir / f"{pid}.json", meta, compact=True)
+    # Pixels first, metadata last: the .json is the part's completion marker (see run_ingest's resume). Neither waits
+    # for the disk (no fsync): a part is checked against its digests before it is reused (`reusable`), so one a power
+    # cut damaged is made again, and most parts are deleted before the kernel would have written them out at all.
+    atomic_write_npy(path, arr, durable=False)
+    atomic_write_json(parts_dir / f"{pid}.json", meta, compact=True, durable=False)
 
 
 def reusable(parts_dir: Path, pid: str) -> bool:

@@ -162,3 +162,40 @@ def test_multi_member_gzip_and_zero_padding(tmp_path):
     (tmp_path / "cut.nii.gz").write_bytes(gzip.compress(raw)[:-40])
     with pytest.raises(ValueError, match="cut.nii.gz: gzip stream is corrupt or truncated"):
         read_nifti(tmp_path / "cut.nii.gz")
+
+
+def test_gzip_decoded_in_place_equals_a_whole_decode(tmp_path):
+    """The in-place decode (header first, then the voxels into one array of the header's size) gives the bytes of a
+    whole-stream decode: gzip members split inside the header, header extensions before the voxels, bytes after the
+    voxels (dropped); a damaged CRC and a stream shorter than its header says are errors naming the file."""
+    import gzip
+    import mmap
+
+    from medgan.ingest import nifti
+
+    data = _marked((9, 8, 7))
+    img = nib.Nifti1Image(data, np.diag([-1.0, 1.0, 2.0, 1.0]))
+    img.header.extensions.append(nib.nifti1.Nifti1Extension("comment", b"an extension before the voxels"))
+    nib.save(img, tmp_path / "ext.nii")
+    raw = (tmp_path / "ext.nii").read_bytes()
+    assert int(nib.load(tmp_path / "ext.nii").dataobj.offset) > 352
+    files = {
+        "split_in_header.nii.gz": gzip.compress(raw[:100]) + gzip.compress(raw[100:400]) + gzip.compress(raw[400:]),
+        "trailing.nii.gz": gzip.compress(raw + b"bytes after the voxels"),
+    }
+    for name, blob in files.items():
+        (tmp_path / name).write_bytes(blob)
+        with open(tmp_path / name, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
+            whole = nifti._gunzip(m)
+            got = nifti._decode(m)
+        assert bytes(got) == whole[: len(raw)] == raw
+        np.testing.assert_array_equal(read_nifti(tmp_path / name).array, data[::-1].astype(np.float32))
+        assert nifti.load_image(tmp_path / name).header.extensions[0].get_content() == b"an extension before the voxels"
+    crc = bytearray(gzip.compress(raw))
+    crc[-6] ^= 0xFF
+    (tmp_path / "crc.nii.gz").write_bytes(bytes(crc))
+    with pytest.raises(ValueError, match="crc.nii.gz: gzip stream is corrupt or truncated"):
+        read_nifti(tmp_path / "crc.nii.gz")
+    (tmp_path / "short.nii.gz").write_bytes(gzip.compress(raw[:-50]))
+    with pytest.raises(ValueError, match="short.nii.gz: voxel data is truncated"):
+        read_nifti(tmp_path / "short.nii.gz")

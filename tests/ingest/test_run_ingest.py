@@ -423,3 +423,31 @@ def test_a_scan_piece_whose_worker_dies_is_scanned_again_and_its_series_still_la
     assert split.n_items == 4 and split.report == serial.report and serial.report[0]["status"] == "ok"
     assert split.content_hash == serial.content_hash
     assert len(scanned_here) == 4  # each of the 4 series folders was a piece, and each was scanned again here
+
+
+def test_parts_skip_the_disk_wait_the_dataset_does_not_and_a_torn_part_is_redone(nifti_root, tmp_path, monkeypatch):
+    """Parts are written without fsync (they are checked when reused); the dataset's files are fsynced before the
+    rename. A part whose JSON a power cut left torn (cut short) is read again on resume, with the same result."""
+    manifest = _two_volumes(nifti_root, "two_torn.csv")
+    synced: list[str] = []
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    state = _Interrupting(monkeypatch)
+    out, key = tmp_path / "ds", tmp_path / "k.key"
+    with pytest.raises(KeyboardInterrupt):
+        run_ingest(_cfg(), out, manifest=manifest, key_file=key, progress=False)
+    assert not any(".parts" in p for p in synced)
+    (meta,) = (tmp_path / "ds.parts").glob("*.json")
+    meta.write_bytes(meta.read_bytes()[: meta.stat().st_size // 2])
+    state.arm(False)
+    rep = run_ingest(_cfg(), out, manifest=manifest, key_file=key, progress=False)
+    assert state.reads == ["example_mr_sm.nii.gz", "example_ct_sm.nii.gz"] and rep.n_reused == 0
+    assert any(p.endswith("slices.npy") for p in synced) and any("dataset.json" in p for p in synced)
+    assert not any(".parts" in p for p in synced)
+    clean = run_ingest(_cfg(), tmp_path / "clean", manifest=manifest, key_file=key, progress=False)
+    assert rep.content_hash == clean.content_hash
