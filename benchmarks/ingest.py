@@ -96,13 +96,13 @@ def write_nifti(path: Path, n: int, size: int = 512) -> Path:
 def _medgan(kind: str, path: str) -> int:
     from medgan.config import IngestConfig
     from medgan.ingest import dicom
-    from medgan.ingest.nifti import read_nifti
+    from medgan.ingest.nifti import open_volume
     from medgan.ingest.normalize import normalize_volume
     from medgan.ingest.privacy import Pseudonymizer
 
     cfg = IngestConfig(min_foreground_fraction=0.0)
-    if kind == "nifti":
-        vol = read_nifti(path, modality="CT")
+    if kind == "nifti":  # as ingest reads it: a .nii.gz streamed slab by slab (`NiftiStream`)
+        vol = open_volume(path, modality="CT")
         return len(normalize_volume(vol, cfg).images)
     series, _ = dicom.discover_series(Path(path))
     return sum(len(normalize_volume(dicom.read_series(s, Pseudonymizer(b"k" * 32)), cfg).images) for s in series)

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import mmap
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import nibabel as nib
 import numpy as np
 from nibabel import orientations
 
-from medgan.ingest.volume import Volume, physical
+from medgan.ingest.volume import ReadError, Volume, VolumeStream, physical
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 
@@ -172,6 +174,52 @@ def read_nifti(path: str | Path, *, volume_index: int = 0, modality: str = "") -
     return read_nifti_grid(path, volume_index=volume_index, modality=modality)[0]
 
 
+def _volume_index(shape: tuple[int, ...], volume_index: int, name: str) -> tuple[tuple, list[str]]:
+    """The index of one 3-D volume in a stored array of `shape`, and the note a 4-D file gets.
+
+    Raises:
+        ValueError: fewer than 3 or more than 4 non-singleton dimensions, or `volume_index` out of range.
+    """
+    if len(shape) < 3:
+        raise ValueError(f"{name}: NIfTI shape {shape} has fewer than 3 dimensions")
+    if len(shape) == 3:
+        return (slice(None),) * 3, []
+    extra = shape[3:]
+    if any(s > 1 for s in extra[1:]):
+        raise ValueError(f"{name}: NIfTI shape {shape} has more than 4 non-singleton dimensions")
+    if not 0 <= volume_index < extra[0]:
+        raise ValueError(
+            f"{name}: 4-D NIfTI has {extra[0]} volumes; ingest.volume_index={volume_index} is out of range"
+        )
+    index = (slice(None),) * 3 + (volume_index,) + (0,) * (len(shape) - 4)
+    return index, [f"4-D: volume {volume_index} of {extra[0]}"] if extra[0] > 1 else []
+
+
+def _grid(affine: np.ndarray | None, shape: tuple[int, ...], name: str) -> tuple[np.ndarray, tuple, np.ndarray]:
+    """(the orientation to canonical RAS+, the canonical voxel spacing, each canonical slice's position along
+    axis 2 in mm) of a stored 3-D grid.
+
+    Raises:
+        ValueError: no usable qform/sform affine.
+    """
+    if affine is None or not np.isfinite(affine).all() or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
+        raise ValueError(f"{name}: NIfTI has no usable qform/sform affine")
+    ornt = orientations.io_orientation(affine)
+    ras_affine = affine @ orientations.inv_ornt_aff(ornt, shape[:3])
+    n = int(shape[int(ornt[:, 0].tolist().index(2))])  # slices along canonical axis 2
+    spacing = tuple(float(s) for s in np.sqrt((ras_affine[:3, :3] ** 2).sum(axis=0)))
+    positions = (ras_affine @ np.stack([np.zeros(n), np.zeros(n), np.arange(n), np.ones(n)]))[2]
+    return ornt, spacing, positions.astype(np.float64)
+
+
+def _guess_modality(sample: np.ndarray) -> str:
+    """CT when the 1st percentile of a sample of physical values is below -500 (air in HU), else OT."""
+    return "CT" if sample.size and np.percentile(sample, 1) < -500 else "OT"
+
+
+GUESS_SAMPLES = 200_000  # voxels the modality guess looks at (every size // GUESS_SAMPLES-th, in stored order)
+
+
 def read_nifti_grid(
     path: str | Path, *, volume_index: int = 0, modality: str = ""
 ) -> tuple[Volume, tuple[int, int, int], np.ndarray]:
@@ -195,22 +243,7 @@ def read_nifti_grid(
     path = Path(path)
     img, raw = _load(path)
     shape = tuple(int(s) for s in img.shape)
-    notes: list[str] = []
-    if len(shape) < 3:
-        raise ValueError(f"{path.name}: NIfTI shape {shape} has fewer than 3 dimensions")
-    if len(shape) > 3:
-        extra = shape[3:]
-        if any(s > 1 for s in extra[1:]):
-            raise ValueError(f"{path.name}: NIfTI shape {shape} has more than 4 non-singleton dimensions")
-        if not 0 <= volume_index < extra[0]:
-            raise ValueError(
-                f"{path.name}: 4-D NIfTI has {extra[0]} volumes; ingest.volume_index={volume_index} is out of range"
-            )
-        index = (slice(None),) * 3 + (volume_index,) + (0,) * (len(shape) - 4)
-        if extra[0] > 1:
-            notes.append(f"4-D: volume {volume_index} of {extra[0]}")
-    else:
-        index = (slice(None),) * 3
+    index, notes = _volume_index(shape, volume_index, path.name)
     # Integer voxels stay stored (a view on the decoded bytes; normalization applies the scaling chunk by chunk);
     # float voxels become float32 physical values here, with non-finite ones zeroed.
     data, slope, inter = _stored(img, raw, index, path.name)
@@ -221,28 +254,174 @@ def read_nifti_grid(
             notes.append("non-finite voxels set to 0")
             data = np.nan_to_num(data, nan=0.0, posinf=0.0, neginf=0.0)
     affine = img.affine
-    if affine is None or not np.isfinite(affine).all() or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
-        raise ValueError(f"{path.name}: NIfTI has no usable qform/sform affine")
-    arr, ras_affine = canonical(data, affine)
-    spacing = tuple(float(s) for s in np.sqrt((ras_affine[:3, :3] ** 2).sum(axis=0)))
-    positions = (
-        ras_affine
-        @ np.stack([np.zeros(arr.shape[2]), np.zeros(arr.shape[2]), np.arange(arr.shape[2]), np.ones(arr.shape[2])])
-    )[2]
+    ornt, spacing, positions = _grid(affine, shape, path.name)
+    arr = orientations.apply_orientation(data, ornt)
     if not modality:
-        sample = data.ravel(order="K")[:: max(1, data.size // 200_000)] * slope + inter
-        modality = "CT" if sample.size and np.percentile(sample, 1) < -500 else "OT"
+        modality = _guess_modality(data.ravel(order="K")[:: max(1, data.size // GUESS_SAMPLES)] * slope + inter)
         notes.append(f"modality guessed as {modality}")
     vol = Volume(
         data=arr,
         spacing_mm=spacing,  # type: ignore[arg-type]
         modality=modality.upper(),
-        positions_mm=positions.astype(np.float64),
+        positions_mm=positions,
         notes=notes,
         slope=slope,
         intercept=inter,
     )
     return vol, shape[:3], np.asarray(affine)  # type: ignore[return-value]
+
+
+SLAB_BYTES = 8 << 20  # stored bytes decoded at a time by `NiftiStream` (a few MB: they stay in cache to be resized)
+
+
+def open_volume(path: str | Path, *, volume_index: int = 0, modality: str = "", slice_axis: str = "axial"):
+    """A NIfTI volume for `normalize_volume`: a `NiftiStream` (decoded slab by slab, never whole) where the file
+    allows it, else the `Volume` of `read_nifti`.
+
+    Streaming needs a gzipped file (``.nii.gz``: an uncompressed ``.nii`` is read whole), isal's gzip reader, numeric
+    voxels, and slices along `slice_axis` that are whole stored slabs: the file's third (slowest) axis must be the
+    canonical slice axis, as it is for an axial CT or MR stored the usual way. Both give the same slices.
+    """
+    path = Path(path)
+    head = _stream_header(path)
+    if head is None:
+        return read_nifti(path, volume_index=volume_index, modality=modality)
+    img, layout = head
+    shape = tuple(int(s) for s in img.shape)
+    index, notes = _volume_index(shape, volume_index, path.name)
+    ornt, spacing, positions = _grid(img.affine, shape, path.name)
+    from medgan.ingest.normalize import AXES
+
+    if slice_axis not in AXES or int(ornt[2, 0]) != AXES[slice_axis][0]:
+        return read_nifti(path, volume_index=volume_index, modality=modality)
+    proxy = img.dataobj
+    return NiftiStream(
+        path=path,
+        stored_shape=shape[:3],  # type: ignore[arg-type]
+        volume_index=volume_index,
+        offset=int(proxy.offset),
+        dtype=np.dtype(proxy.dtype),
+        ornt=ornt,
+        spacing_mm=spacing,  # type: ignore[arg-type]
+        modality=modality.upper(),
+        positions_mm=positions,
+        notes=notes,
+        slope=float(proxy.slope),
+        intercept=float(proxy.inter),
+    )
+
+
+def _stream_header(path: Path) -> tuple[nib.Nifti1Image | nib.Nifti2Image, tuple[int, int]] | None:
+    """The header-only image and (voxel offset, size) of a .nii.gz that `NiftiStream` can read; None otherwise
+    (the whole read then decides, and reports any error)."""
+    try:
+        from isal.isal_zlib import _GzipReader
+    except ImportError:
+        return None
+    try:
+        with open(path, "rb", buffering=0) as fp:
+            if fp.read(2) != b"\x1f\x8b":
+                return None
+            fp.seek(0)
+            reader = _GzipReader(fp)
+            head = reader.read(544)
+            layout = _layout(head)
+            if layout is None:
+                return None
+            if layout[0] > len(head):  # header extensions
+                head += reader.read(layout[0] - len(head))
+            reader.close()
+        sizeof = {int.from_bytes(head[:4], "little"), int.from_bytes(head[:4], "big")}
+        img = (nib.Nifti2Image if 540 in sizeof else nib.Nifti1Image).from_bytes(head[: layout[0]])
+    except Exception:  # damaged or odd: the whole read reports it
+        return None
+    proxy = img.dataobj
+    if not hasattr(proxy, "offset") or np.dtype(proxy.dtype).kind not in "biuf" or getattr(proxy, "order", "F") != "F":
+        return None
+    return img, layout
+
+
+class NiftiStream(VolumeStream):
+    """A gzipped NIfTI volume decoded a few MB at a time (`SLAB_BYTES`), in stored order, straight into one reused
+    buffer: each slab of whole slices is handed to `normalize_volume` as a canonical view and resized while it is
+    still in cache. The volume's ~100 MB is never held: peak memory is the slab, and no fresh memory is touched per
+    volume. Integer voxels stay stored (``slope``/``intercept`` as `Volume`); float ones become float32 physical values
+    with non-finite ones zeroed, slab by slab. The gzip stream is read to its end (its CRC is checked).
+
+    The modality guess and the percentile sample of `read_nifti` / `percentile_range` are gathered from the slabs
+    (the same voxels), so the slices equal those of the whole read.
+    """
+
+    def __init__(self, *, path: Path, stored_shape: tuple[int, int, int], volume_index: int, offset: int,
+                 dtype: np.dtype, ornt: np.ndarray, **volume: Any):  # fmt: skip
+        super().__init__(**volume)
+        self.path, self.stored_shape, self.volume_index = path, stored_shape, volume_index
+        self.offset, self.dtype, self.ornt = offset, dtype, ornt
+        shape = [0, 0, 0]
+        for axis, (to, _) in enumerate(ornt.astype(int).tolist()):
+            shape[to] = stored_shape[axis]
+        self.shape = tuple(shape)  # type: ignore[assignment]
+
+    def slabs(self, sample_step: int = 0) -> Iterator[tuple[int, np.ndarray]]:
+        from isal.isal_zlib import _GzipReader
+
+        name = self.path.name
+        x, y, z = self.stored_shape
+        per_slice = x * y * self.dtype.itemsize
+        k_max = max(1, SLAB_BYTES // per_slice)
+        flipped = int(self.ornt[2, 1]) < 0
+        guess = not self.modality
+        step_guess = max(1, x * y * z // GUESS_SAMPLES)
+        guesses: list[np.ndarray] = []
+        samples: list[np.ndarray] = []
+        nonfinite = False
+        buf = np.empty(k_max * per_slice, np.uint8)
+        with open(self.path, "rb", buffering=0) as fp:
+            reader = _GzipReader(fp)
+            try:
+                skip = self.offset + self.volume_index * z * per_slice
+                while skip > 0:  # the header, and the volumes before the one read
+                    got = _readinto(reader, memoryview(buf)[: min(skip, len(buf))])
+                    if got == 0:
+                        raise ReadError(f"{name}: voxel data is truncated (the stream ends before the volume)")
+                    skip -= got
+                for k0 in range(0, z, k_max):
+                    k1 = min(z, k0 + k_max)
+                    need = (k1 - k0) * per_slice
+                    got = _readinto(reader, memoryview(buf)[:need])
+                    if got < need:
+                        have = k0 * per_slice + got
+                        raise ReadError(f"{name}: voxel data is truncated ({have} of {z * per_slice} bytes)")
+                    flat = np.frombuffer(buf, self.dtype, count=(k1 - k0) * x * y)
+                    flat = flat.view(np.uint8) if self.dtype.kind == "b" else flat
+                    if self.dtype.kind == "f":
+                        flat = physical(flat, self.slope, self.intercept)
+                        if not np.isfinite(flat).all():
+                            nonfinite = True
+                            flat = np.nan_to_num(flat, nan=0.0, posinf=0.0, neginf=0.0)
+                    if guess:
+                        guesses.append(flat[(-k0 * x * y) % step_guess :: step_guess].copy())
+                    slab = orientations.apply_orientation(flat.reshape((x, y, k1 - k0), order="F"), self.ornt)
+                    z0 = z - k1 if flipped else k0
+                    if sample_step:
+                        samples.append(slab[::sample_step, ::sample_step, (-z0) % sample_step :: sample_step].copy())
+                    yield z0, slab
+                while _readinto(reader, memoryview(buf)):  # to the stream's end: checks the CRC
+                    pass
+            except ReadError:
+                raise
+            except Exception as e:  # zlib.error, isal's IsalError, gzip.BadGzipFile, EOFError
+                raise ReadError(f"{name}: gzip stream is corrupt or truncated ({e})") from None
+            finally:
+                reader.close()
+        if self.dtype.kind == "f":
+            self.slope, self.intercept = 1.0, 0.0
+            if nonfinite:
+                self.notes.append("non-finite voxels set to 0")
+        if guess:
+            self.modality = _guess_modality(np.concatenate(guesses) * self.slope + self.intercept)
+            self.notes.append(f"modality guessed as {self.modality}")
+        self.sample = np.concatenate([s.ravel() for s in samples]) if samples else None
 
 
 def read_mask(path: str | Path) -> np.ndarray:

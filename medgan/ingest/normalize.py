@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from medgan.config import IngestConfig
-from medgan.ingest.volume import Volume
+from medgan.ingest.volume import Volume, VolumeStream
 
 # Named CT windows in HU: (center/level, width).
 WINDOWS_HU: dict[str, tuple[float, float]] = {
@@ -31,6 +31,7 @@ WINDOWS_HU: dict[str, tuple[float, float]] = {
 AXES = {"axial": (2, 1, 0), "coronal": (1, 2, 0), "sagittal": (0, 2, 1)}
 CHUNK_SLICES = 64  # slices mapped, flipped and selected together (at the output size: small)
 RESIZE_BYTES = 4 << 20  # float32 bytes converted and resized at a time: stays in cache (~1.3x faster than 32 MB)
+MAX_SAMPLES = 2_000_000  # voxels a volume's percentiles are taken from (`percentile_range`)
 _SCRATCH_MAX = 256 << 20  # bytes of float32 scratch kept per thread between volumes
 _scratch = threading.local()
 
@@ -100,14 +101,25 @@ def window_to_unit(x: np.ndarray | torch.Tensor, center: float, width: float):
 
 
 def percentile_range(
-    array: np.ndarray, percentiles: list[float], max_samples: int = 2_000_000, scale: tuple[float, float] = (1.0, 0.0)
+    array: np.ndarray, percentiles: list[float], max_samples: int = MAX_SAMPLES, scale: tuple[float, float] = (1.0, 0.0)
 ) -> tuple[float, float]:
     """Per-volume intensity percentiles, on a deterministic strided subsample of at most `max_samples` voxels.
 
     ``scale`` = (slope, intercept) maps stored values to physical ones first (see `Volume`).
     """
-    step = max(1, int(np.ceil((array.size / max_samples) ** (1.0 / array.ndim))))
-    sample = array[(slice(None, None, step),) * array.ndim]
+    step = sample_step(array.shape, max_samples)
+    return sample_percentiles(array[(slice(None, None, step),) * array.ndim], percentiles, scale)
+
+
+def sample_step(shape: tuple[int, ...], max_samples: int = MAX_SAMPLES) -> int:
+    """The stride, along every axis, of `percentile_range`'s subsample of an array of `shape`."""
+    return max(1, int(np.ceil((int(np.prod(shape)) / max_samples) ** (1.0 / len(shape)))))
+
+
+def sample_percentiles(
+    sample: np.ndarray, percentiles: list[float], scale: tuple[float, float] = (1.0, 0.0)
+) -> tuple[float, float]:
+    """The two `percentiles` of a sample of stored values, scaled to physical ones by (slope, intercept)."""
     if scale != (1.0, 0.0):
         sample = sample.astype(np.float64) * scale[0] + scale[1]
     lo, hi = np.percentile(sample, [float(percentiles[0]), float(percentiles[1])])
@@ -246,7 +258,25 @@ def _resized(slices: np.ndarray, size: tuple[int, int]) -> torch.Tensor:
     return out.clone() if out.data_ptr() == x.data_ptr() else out
 
 
-def normalize_volume(volume: Volume, cfg: IngestConfig, *, window: str = "", mask: np.ndarray | None = None) -> Slices:
+def _resize_into(out: torch.Tensor, first: int, stack: np.ndarray, size: tuple[int, int]) -> tuple[int, ...]:
+    """Resize slices [k, rows, cols] (any dtype and strides) into ``out[first : first + k]`` ([n, 1, h, w] float32), a
+    few MB at a time, and return the dims of the display flip still to apply at the output size.
+
+    Readers often hand over flipped views (negative strides). The un-flipped memory is resized without a copy and
+    those flips are folded into the display flip (the resize filters are mirror-symmetric, so this is exact).
+    """
+    flips = tuple(d + 1 for d in (1, 2) if stack.strides[d] > 0)
+    stack = stack[:, :: -1 if stack.strides[1] < 0 else 1, :: -1 if stack.strides[2] < 0 else 1]
+    k, rows, cols = stack.shape
+    step = max(1, RESIZE_BYTES // (4 * rows * cols))
+    for i in range(0, k, step):
+        out[first + i : first + min(k, i + step)] = _resized(stack[i : i + step], size)
+    return flips
+
+
+def normalize_volume(
+    volume: Volume | VolumeStream, cfg: IngestConfig, *, window: str = "", mask: np.ndarray | None = None
+) -> Slices:
     """Turn a canonical volume into kept 128x128 slices in [-1, 1].
 
     Steps: intensity mapping (CT: HU window; other modalities: per-volume percentile clip), display orientation,
@@ -255,7 +285,8 @@ def normalize_volume(volume: Volume, cfg: IngestConfig, *, window: str = "", mas
     below ``cfg.min_foreground_fraction`` are dropped, and with a mask each slice gets its class (or is dropped).
 
     Args:
-        volume: a canonical RAS+ `Volume` (its stored values and slope/intercept; ``volume.array`` is not made).
+        volume: a canonical RAS+ `Volume` (its stored values and slope/intercept; ``volume.array`` is not made), or a
+            `VolumeStream`, whose slabs are resized as they are read (the same slices, without the whole volume).
         cfg: the ingest config.
         window: a window override for CT (see `parse_window`); "" = ``cfg.ct_window``.
         mask: int label map with the same shape as ``volume.array`` (canonical), or None.
@@ -265,47 +296,58 @@ def normalize_volume(volume: Volume, cfg: IngestConfig, *, window: str = "", mas
 
     Raises:
         ValueError: a mask whose shape differs from the volume's, an unknown window or slice axis.
+        ReadError: a `VolumeStream` that cannot be read.
 
     Example:
         >>> s = normalize_volume(read_nifti("ct.nii.gz", modality="CT"), IngestConfig())
         >>> s.images.shape   # (n, 1, 128, 128)
     """
     res = int(cfg.resolution)
-    arr = volume.data  # stored values; slope/intercept are applied to each resized chunk (resizing is linear)
-    if mask is not None and mask.shape != arr.shape:
-        raise ValueError(f"mask shape {mask.shape} differs from the image shape {arr.shape}")
-    win = parse_window(window, cfg) if volume.modality == "CT" else None
-    if win is not None:
-        c, w = win
-        normalization = f"CT window {window or cfg.ct_window} W{w:g}/L{c:g} HU"
-    else:
-        lo, hi = percentile_range(arr, cfg.mr_percentiles, scale=(volume.slope, volume.intercept))
-        normalization = f"percentile clip p{cfg.mr_percentiles[0]:g}-p{cfg.mr_percentiles[1]:g} per volume"
-
-    stack, r_ax, c_ax = display_stack(arr, cfg.slice_axis)
-    n, height, width = stack.shape
+    shape = tuple(volume.shape)
+    if mask is not None and mask.shape != shape:
+        raise ValueError(f"mask shape {mask.shape} differs from the image shape {shape}")
+    if cfg.slice_axis not in AXES:
+        raise ValueError(f"ingest.slice_axis={cfg.slice_axis!r}; use one of {sorted(AXES)}")
+    s_axis, r_ax, c_ax = AXES[cfg.slice_axis]
+    n, height, width = shape[s_axis], shape[r_ax], shape[c_ax]
     h, w, px = fit_size(height, width, volume.spacing_mm[r_ax], volume.spacing_mm[c_ax], res)
     mstack = display_stack(mask, cfg.slice_axis)[0] if mask is not None else None
-    s_axis = AXES[cfg.slice_axis][0]
     if s_axis == 2 and volume.positions_mm is not None and len(volume.positions_mm) == n:
         positions = np.asarray(volume.positions_mm, dtype=np.float64)
     else:
         positions = np.arange(n) * float(volume.spacing_mm[s_axis])
+    win = parse_window(window, cfg) if volume.modality == "CT" else None  # a bad window fails before any reading
 
-    # Readers often hand over flipped views (negative strides). Resize the un-flipped memory without a copy and fold
-    # those flips into the display flip at 128x128 (the resize filters are mirror-symmetric, so this is exact).
-    flips = tuple(d + 1 for d in (1, 2) if stack.strides[d] > 0)
-    stack = stack[:, :: -1 if stack.strides[1] < 0 else 1, :: -1 if stack.strides[2] < 0 else 1]
+    # Stage 1: every slice resized to (h, w) in float32, stored values (the scaling is linear: applied after).
+    resized = torch.empty((n, 1, h, w))
+    with torch.inference_mode():
+        if isinstance(volume, VolumeStream):  # slab by slab as it is decoded; percentile voxels gathered on the way
+            need = not (volume.modality == "CT" and win is not None)
+            step = sample_step(shape) if need else 0
+            flips: tuple[int, ...] = ()
+            for z0, slab in volume.slabs(step):
+                flips = _resize_into(resized, z0, display_stack(slab, cfg.slice_axis)[0], (h, w))
+            if need:  # the modality is known now (guessed from the slabs when it was not given)
+                win = parse_window(window, cfg) if volume.modality == "CT" else None
+                if win is None:
+                    lo, hi = sample_percentiles(volume.sample, cfg.mr_percentiles, (volume.slope, volume.intercept))
+        else:
+            if win is None:
+                lo, hi = percentile_range(volume.data, cfg.mr_percentiles, scale=(volume.slope, volume.intercept))
+            flips = _resize_into(resized, 0, display_stack(volume.data, cfg.slice_axis)[0], (h, w))
+    if win is not None:
+        c, ww = win
+        normalization = f"CT window {window or cfg.ct_window} W{ww:g}/L{c:g} HU"
+    else:
+        normalization = f"percentile clip p{cfg.mr_percentiles[0]:g}-p{cfg.mr_percentiles[1]:g} per volume"
 
     kept_images: list[np.ndarray] = []
     kept_index: list[int] = []
     kept_classes: list[str] = []
+    # Stage 2: intensities to [-1, 1], display orientation, padding and selection, a chunk of slices at a time.
     with torch.inference_mode():
         for start in range(0, n, CHUNK_SLICES):
-            part = stack[start : start + CHUNK_SLICES]
-            step = max(1, RESIZE_BYTES // (4 * height * width))
-            pieces = [_resized(part[i : i + step], (h, w)) for i in range(0, len(part), step)]
-            chunk = pieces[0] if len(pieces) == 1 else torch.cat(pieces)  # [k, 1, h, w]
+            chunk = resized[start : start + CHUNK_SLICES]  # [k, 1, h, w]
             if volume.scaled:  # to physical units (HU for CT), on 16x fewer pixels than the stored slices
                 chunk = chunk * volume.slope + volume.intercept
             chunk = window_to_unit(chunk, *win) if win is not None else range_to_unit(chunk, lo, hi)

@@ -23,11 +23,11 @@ import numpy as np
 from medgan.config import IngestConfig, to_dict
 from medgan.ingest.image2d import read_image2d
 from medgan.ingest.manifest import Source
-from medgan.ingest.nifti import read_mask, read_nifti
+from medgan.ingest.nifti import open_volume, read_mask
 from medgan.ingest.normalize import Slices, normalize_image2d, normalize_volume
 from medgan.ingest.privacy import Pseudonymizer, perceptual_hash
 from medgan.ingest.store import checked_float16, image_digests, part_intact
-from medgan.ingest.volume import Volume
+from medgan.ingest.volume import ReadError, Volume, VolumeStream
 from medgan.io import atomic_write_json, atomic_write_npy, read_json
 
 # 4: a series part holds no notes of its source; 3: per-slice digests in the .json; 2: <id>.npy + <id>.json; 1: .npz
@@ -159,7 +159,7 @@ def _volumes(
 ):
     """Yield (volume, label) for a source; a DICOM folder may hold several series (or, with `plan`, just one)."""
     if src.kind == "nifti":
-        vol = read_nifti(src.path, volume_index=cfg.volume_index, modality=src.modality)
+        vol = open_volume(src.path, volume_index=cfg.volume_index, modality=src.modality, slice_axis=cfg.slice_axis)
         vol.volume = pseudonym("volume:" + src.rel)
         yield vol, src.label
         return
@@ -218,7 +218,7 @@ def _summarize(reasons) -> str:
     return "; ".join(f"{n}x {r}" if n > 1 else r for r, n in Counter(reasons).most_common(3))
 
 
-def _slice_rows(src: Source, vol: Volume, sl: Slices, label: str) -> list[dict[str, Any]]:
+def _slice_rows(src: Source, vol: Volume | VolumeStream, sl: Slices, label: str) -> list[dict[str, Any]]:
     names = sl.classes if sl.classes is not None else [label] * len(sl.slice_index)
     return [
         {
@@ -278,9 +278,9 @@ def process_source(
             for vol, label in _volumes(src, cfg, pseudonym, notes, plan):
                 n_read += 1
                 try:  # one bad series (or a mask that does not fit it) does not sink the others
-                    if mask is not None and mask.shape != vol.data.shape:
+                    if mask is not None and mask.shape != vol.shape:
                         raise ValueError(
-                            f"wrong-shaped mask: {tuple(mask.shape)} vs image {tuple(vol.data.shape)} "
+                            f"wrong-shaped mask: {tuple(mask.shape)} vs image {tuple(vol.shape)} "
                             "(after canonical orientation); the mask must share the image's voxel grid"
                         )
                     sl = normalize_volume(vol, cfg, window=src.window, mask=mask)
@@ -297,6 +297,8 @@ def process_source(
                     images.append(sl.images)
                     rows.extend(_slice_rows(src, vol, sl, label))
                     used.add(sl.normalization)
+                except ReadError:  # the source itself is unreadable (found while streaming it): as a failed read
+                    raise
                 except Exception as e:
                     n_failed += 1
                     notes.append(f"a series was skipped: {_reason(e, src, root)}")

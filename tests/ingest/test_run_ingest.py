@@ -126,7 +126,7 @@ class _Interrupting:
     def __init__(self, monkeypatch):
         self.reads: list[str] = []
         self.interrupt = True
-        real = worker.read_nifti
+        real = worker.open_volume
 
         def counting(path, **kw):
             self.reads.append(Path(path).name)
@@ -134,7 +134,7 @@ class _Interrupting:
                 raise KeyboardInterrupt
             return real(path, **kw)
 
-        monkeypatch.setattr(worker, "read_nifti", counting)
+        monkeypatch.setattr(worker, "open_volume", counting)
 
     def arm(self, interrupt: bool) -> None:
         """Forget the reads so far; interrupt the next run's second read or not."""
