@@ -23,7 +23,7 @@ def is_nifti(path: Path) -> bool:
 
 
 def _gunzip(buf) -> bytes:
-    """Decompress every gzip member of a buffer (bytes or a read-only mmap) in one pass (the fallback of `_decode`).
+    """Decompress every gzip member of a buffer (bytes, or a mapped file) in one pass (the fallback of `_decode`).
 
     A decompressor object reads the mapped file directly, so the compressed bytes are never copied; concatenated
     members (bgzip) are followed.
@@ -53,8 +53,14 @@ def _readinto(reader, view: memoryview) -> int:
     return n
 
 
-def _decode(mapped) -> bytes | np.ndarray:
-    """The decompressed bytes of a gzipped NIfTI (a read-only mmap), as one new array of exactly the file's size.
+def _mapped(fp) -> memoryview:
+    """An open file's bytes, mapped read-only. Nothing closes the mapping explicitly: it goes with the last reference
+    (a gzip reader holds one; so may a traceback), so a reader that fails mid-stream never makes the close fail too."""
+    return memoryview(mmap.mmap(fp.fileno(), 0, access=mmap.ACCESS_READ))
+
+
+def _decode(mapped: memoryview) -> bytes | np.ndarray:
+    """The decompressed bytes of a gzipped NIfTI (`_mapped`), as one new array of exactly the file's size.
 
     isal's gzip reader decodes the mapped file straight into that array, ~2x faster than the stdlib's zlib and
     without the pieces-then-join copy of a one-shot decompress: one allocation of the right size per volume, which
@@ -66,8 +72,7 @@ def _decode(mapped) -> bytes | np.ndarray:
         from isal.isal_zlib import _GzipReader
     except ImportError:
         return _gunzip(mapped)
-    view = memoryview(mapped)
-    reader = _GzipReader(view)  # holds `view` until it is deleted: the mapping cannot close before
+    reader = _GzipReader(mapped)
     try:
         head = bytearray(544)
         n = _readinto(reader, memoryview(head))
@@ -80,8 +85,7 @@ def _decode(mapped) -> bytes | np.ndarray:
         while reader.readinto(head):  # to the stream's end: checks the CRC; bytes after the voxels are dropped
             pass
     finally:
-        del reader
-        view.release()
+        reader.close()
     return out[:got]
 
 
@@ -115,8 +119,7 @@ def _load(path: Path) -> tuple[nib.Nifti1Image | nib.Nifti2Image, bytes | np.nda
         gz = fp.read(2) == b"\x1f\x8b"
         if gz:
             try:
-                with mmap.mmap(fp.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
-                    raw = _decode(mapped)
+                raw = _decode(_mapped(fp))
             except Exception as e:  # zlib.error, isal's IsalError, gzip.BadGzipFile, EOFError
                 raise ValueError(f"{path.name}: gzip stream is corrupt or truncated ({e})") from None
         else:
@@ -377,7 +380,7 @@ class NiftiStream(VolumeStream):
         nonfinite = False
         buf = np.empty(k_max * per_slice, np.uint8)
         with open(self.path, "rb", buffering=0) as fp:
-            reader = _GzipReader(fp)
+            reader = _GzipReader(_mapped(fp))  # read in place: ~4% faster than through the file's reads
             try:
                 skip = self.offset + self.volume_index * z * per_slice
                 while skip > 0:  # the header, and the volumes before the one read

@@ -160,7 +160,7 @@ def test_multi_member_gzip_and_zero_padding(tmp_path):
     (tmp_path / "multi.nii.gz").write_bytes(gzip.compress(raw[:1000]) + gzip.compress(raw[1000:]) + b"\0" * 16)
     np.testing.assert_array_equal(read_nifti(tmp_path / "multi.nii.gz").array, data.astype(np.float32))
     (tmp_path / "cut.nii.gz").write_bytes(gzip.compress(raw)[:-40])
-    with pytest.raises(ValueError, match="cut.nii.gz: gzip stream is corrupt or truncated"):
+    with pytest.raises(ValueError, match=r"cut.nii.gz: gzip stream is corrupt or truncated \(Compressed file ended"):
         read_nifti(tmp_path / "cut.nii.gz")
 
 
@@ -169,7 +169,6 @@ def test_gzip_decoded_in_place_equals_a_whole_decode(tmp_path):
     whole-stream decode: gzip members split inside the header, header extensions before the voxels, bytes after the
     voxels (dropped); a damaged CRC and a stream shorter than its header says are errors naming the file."""
     import gzip
-    import mmap
 
     from medgan.ingest import nifti
 
@@ -185,16 +184,16 @@ def test_gzip_decoded_in_place_equals_a_whole_decode(tmp_path):
     }
     for name, blob in files.items():
         (tmp_path / name).write_bytes(blob)
-        with open(tmp_path / name, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
-            whole = nifti._gunzip(m)
-            got = nifti._decode(m)
+        with open(tmp_path / name, "rb") as f:
+            whole = nifti._gunzip(nifti._mapped(f))
+            got = nifti._decode(nifti._mapped(f))
         assert bytes(got) == whole[: len(raw)] == raw
         np.testing.assert_array_equal(read_nifti(tmp_path / name).array, data[::-1].astype(np.float32))
         assert nifti.load_image(tmp_path / name).header.extensions[0].get_content() == b"an extension before the voxels"
     crc = bytearray(gzip.compress(raw))
     crc[-6] ^= 0xFF
     (tmp_path / "crc.nii.gz").write_bytes(bytes(crc))
-    with pytest.raises(ValueError, match="crc.nii.gz: gzip stream is corrupt or truncated"):
+    with pytest.raises(ValueError, match=r"crc.nii.gz: gzip stream is corrupt or truncated \(CRC check failed"):
         read_nifti(tmp_path / "crc.nii.gz")
     (tmp_path / "short.nii.gz").write_bytes(gzip.compress(raw[:-50]))
     with pytest.raises(ValueError, match="short.nii.gz: voxel data is truncated"):
@@ -295,8 +294,8 @@ def test_a_streamed_nifti_that_ends_early_or_fails_its_crc_is_a_read_error(share
     blob = gzip.compress(raw)
     crc = bytearray(blob)
     crc[-6] ^= 0xFF
-    files = {"cut.nii.gz": (blob[: len(blob) // 2], "gzip stream is corrupt or truncated"),
-             "crc.nii.gz": (bytes(crc), "gzip stream is corrupt or truncated"),
+    files = {"cut.nii.gz": (blob[: len(blob) // 2], r"gzip stream is corrupt or truncated \(Compressed file ended"),
+             "crc.nii.gz": (bytes(crc), r"gzip stream is corrupt or truncated \(CRC check failed"),
              "short.nii.gz": (gzip.compress(raw[: len(raw) - 5000]), "voxel data is truncated")}  # fmt: skip
     for name, (data, reason) in files.items():
         (tmp_path / name).write_bytes(data)
