@@ -286,12 +286,11 @@ def open_volume(path: str | Path, *, volume_index: int = 0, modality: str = "", 
     canonical slice axis, as it is for an axial CT or MR stored the usual way. Both give the same slices.
     """
     path = Path(path)
-    head = _stream_header(path)
-    if head is None:
+    img = _stream_header(path)
+    if img is None:
         return read_nifti(path, volume_index=volume_index, modality=modality)
-    img, layout = head
     shape = tuple(int(s) for s in img.shape)
-    index, notes = _volume_index(shape, volume_index, path.name)
+    _, notes = _volume_index(shape, volume_index, path.name)  # the checks and the note of the whole read
     ornt, spacing, positions = _grid(img.affine, shape, path.name)
     from medgan.ingest.normalize import AXES
 
@@ -314,9 +313,9 @@ def open_volume(path: str | Path, *, volume_index: int = 0, modality: str = "", 
     )
 
 
-def _stream_header(path: Path) -> tuple[nib.Nifti1Image | nib.Nifti2Image, tuple[int, int]] | None:
-    """The header-only image and (voxel offset, size) of a .nii.gz that `NiftiStream` can read; None otherwise
-    (the whole read then decides, and reports any error)."""
+def _stream_header(path: Path) -> nib.Nifti1Image | nib.Nifti2Image | None:
+    """The header-only image of a .nii.gz that `NiftiStream` can read; None otherwise (the whole read then decides,
+    and reports any error)."""
     try:
         from isal.isal_zlib import _GzipReader
     except ImportError:
@@ -341,7 +340,7 @@ def _stream_header(path: Path) -> tuple[nib.Nifti1Image | nib.Nifti2Image, tuple
     proxy = img.dataobj
     if not hasattr(proxy, "offset") or np.dtype(proxy.dtype).kind not in "biuf" or getattr(proxy, "order", "F") != "F":
         return None
-    return img, layout
+    return img
 
 
 class NiftiStream(VolumeStream):
