@@ -74,33 +74,51 @@ def _decode(mapped: memoryview) -> bytes | np.ndarray:
         return _gunzip(mapped)
     reader = _GzipReader(mapped)
     try:
-        head = bytearray(544)
-        n = _readinto(reader, memoryview(head))
-        layout = _layout(bytes(head[:n]))
+        head, layout = _read_header(reader)
         if layout is None:
-            return bytes(head[:n]) + reader.readall()
+            return head + reader.readall()
+        n = len(head)
         out = np.empty(max(layout[1], n), np.uint8)
-        out[:n] = np.frombuffer(head, np.uint8, n)
+        out[:n] = np.frombuffer(head, np.uint8)
         got = n + _readinto(reader, memoryview(out)[n:])
-        while reader.readinto(head):  # to the stream's end: checks the CRC; bytes after the voxels are dropped
+        rest = memoryview(bytearray(1 << 16))
+        while _readinto(reader, rest):  # to the stream's end: checks the CRC; bytes after the voxels are dropped
             pass
     finally:
         reader.close()
     return out[:got]
 
 
+def _read_header(reader) -> tuple[bytes, tuple[int, int] | None]:
+    """A NIfTI's header and extensions, read from the start of a gzip reader, and its `_layout` (None: no size)."""
+    head = bytearray(544)
+    head = bytes(head[: _readinto(reader, memoryview(head))])
+    layout = _layout(head)
+    if layout is not None and layout[0] > len(head):  # header extensions
+        more = bytearray(layout[0] - len(head))
+        head += bytes(more[: _readinto(reader, memoryview(more))])
+    return head, layout
+
+
+def _image_class(head: bytes) -> type[nib.Nifti1Image] | type[nib.Nifti2Image] | None:
+    """NIfTI-1 or NIfTI-2 from the header size in a file's first bytes (either byte order); None for neither."""
+    sizeof = {int.from_bytes(head[:4], "little"), int.from_bytes(head[:4], "big")}
+    return nib.Nifti1Image if 348 in sizeof else nib.Nifti2Image if 540 in sizeof else None
+
+
 def _layout(head: bytes) -> tuple[int, int] | None:
     """(voxel offset, header + extensions + voxels in bytes) from a NIfTI's first bytes; None where they do not say."""
-    for sizeof, cls in ((348, nib.Nifti1Header), (540, nib.Nifti2Header)):
-        if len(head) >= sizeof and sizeof in (int.from_bytes(head[:4], "little"), int.from_bytes(head[:4], "big")):
-            try:
-                hdr = cls(binaryblock=head[:sizeof], check=False)
-                offset, shape = int(hdr.get_data_offset()), hdr.get_data_shape()
-                size = offset + int(np.prod(shape, dtype=np.int64)) * hdr.get_data_dtype().itemsize
-            except Exception:  # a header nibabel cannot read: decoded whole, and reported by `_load`
-                return None
-            return (offset, size) if sizeof + 4 <= offset and 0 < size < 1 << 40 else None
-    return None
+    cls = _image_class(head)
+    sizeof = 348 if cls is nib.Nifti1Image else 540
+    if cls is None or len(head) < sizeof:
+        return None
+    try:
+        hdr = cls.header_class(binaryblock=head[:sizeof], check=False)
+        offset, shape = int(hdr.get_data_offset()), hdr.get_data_shape()
+        size = offset + int(np.prod(shape, dtype=np.int64)) * hdr.get_data_dtype().itemsize
+    except Exception:  # a header nibabel cannot read: decoded whole, and reported by `_load`
+        return None
+    return (offset, size) if sizeof + 4 <= offset and 0 < size < 1 << 40 else None
 
 
 def load_image(path: str | Path) -> nib.Nifti1Image | nib.Nifti2Image:
@@ -127,9 +145,7 @@ def _load(path: Path) -> tuple[nib.Nifti1Image | nib.Nifti2Image, bytes | np.nda
             raw = fp.readall()
     if len(raw) < 348:
         raise ValueError(f"{path.name}: {len(raw)} bytes is too short for a NIfTI header")
-    size_le = int.from_bytes(raw[:4], "little")
-    size_be = int.from_bytes(raw[:4], "big")
-    cls = nib.Nifti2Image if 540 in (size_le, size_be) else nib.Nifti1Image
+    cls = _image_class(bytes(raw[:4])) or nib.Nifti1Image  # neither: nibabel names what is wrong
     try:
         # The header and its extensions only where the voxels are viewed in place (nibabel would copy all of it).
         layout = _layout(bytes(raw[:544]))
@@ -326,15 +342,11 @@ def _stream_header(path: Path) -> nib.Nifti1Image | nib.Nifti2Image | None:
                 return None
             fp.seek(0)
             reader = _GzipReader(fp)
-            head = reader.read(544)
-            layout = _layout(head)
-            if layout is None:
-                return None
-            if layout[0] > len(head):  # header extensions
-                head += reader.read(layout[0] - len(head))
+            head, layout = _read_header(reader)
             reader.close()
-        sizeof = {int.from_bytes(head[:4], "little"), int.from_bytes(head[:4], "big")}
-        img = (nib.Nifti2Image if 540 in sizeof else nib.Nifti1Image).from_bytes(head[: layout[0]])
+        if layout is None:
+            return None
+        img = _image_class(head).from_bytes(head[: layout[0]])  # type: ignore[union-attr]
     except Exception:  # damaged or odd: the whole read reports it
         return None
     proxy = img.dataobj

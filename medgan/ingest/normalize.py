@@ -190,6 +190,17 @@ def pad_square(stack: torch.Tensor, resolution: int, fill: float) -> torch.Tenso
     return stack
 
 
+def slice_axes(axis: str) -> tuple[int, int, int]:
+    """(RAS axis sliced through, row axis, column axis) of a slice axis name (see `AXES`).
+
+    Raises:
+        ValueError: an unknown slice axis.
+    """
+    if axis not in AXES:
+        raise ValueError(f"ingest.slice_axis={axis!r}; use one of {sorted(AXES)}")
+    return AXES[axis]
+
+
 def display_stack(array: np.ndarray, axis: str) -> tuple[np.ndarray, int, int]:
     """View a canonical [X, Y, Z] array as slices [n, rows, cols], before the display flip of rows and columns.
 
@@ -201,9 +212,7 @@ def display_stack(array: np.ndarray, axis: str) -> tuple[np.ndarray, int, int]:
     Raises:
         ValueError: an unknown slice axis.
     """
-    if axis not in AXES:
-        raise ValueError(f"ingest.slice_axis={axis!r}; use one of {sorted(AXES)}")
-    s, r, c = AXES[axis]
+    s, r, c = slice_axes(axis)
     return np.transpose(array, (s, r, c)), r, c
 
 
@@ -306,9 +315,7 @@ def normalize_volume(
     shape = tuple(volume.shape)
     if mask is not None and mask.shape != shape:
         raise ValueError(f"mask shape {mask.shape} differs from the image shape {shape}")
-    if cfg.slice_axis not in AXES:
-        raise ValueError(f"ingest.slice_axis={cfg.slice_axis!r}; use one of {sorted(AXES)}")
-    s_axis, r_ax, c_ax = AXES[cfg.slice_axis]
+    s_axis, r_ax, c_ax = slice_axes(cfg.slice_axis)
     n, height, width = shape[s_axis], shape[r_ax], shape[c_ax]
     h, w, px = fit_size(height, width, volume.spacing_mm[r_ax], volume.spacing_mm[c_ax], res)
     mstack = display_stack(mask, cfg.slice_axis)[0] if mask is not None else None

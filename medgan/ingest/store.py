@@ -218,7 +218,7 @@ class SliceWriter:
         self._check_shape(tuple(images.shape))
         chunk = checked_float16(images, self.n, self.out)
         # Plain writes: a memory-mapped output costs a page fault per 4 KB on this path.
-        start = self._header + self.n * self._resolution**2 * 2
+        start = self._file.tell()
         _write_all(self._file, memoryview(chunk).cast("B"))
         start_writeback(self._file.fileno(), start, chunk.nbytes)
         self._pixels.update(image_digests(chunk))
@@ -237,8 +237,7 @@ class SliceWriter:
         if dtype != np.float16 or fortran or len(digests) != 32 * shape[0]:
             raise ValueError(f"{path}: not a float16 C-order image part matching its {len(digests) // 32} digests")
         self._check_shape(tuple(shape))
-        size = int(np.prod(shape)) * 2
-        start = self._header + self.n * self._resolution**2 * 2
+        size, start = int(np.prod(shape)) * 2, self._file.tell()
         _append_file(self._file, path, offset, size)
         start_writeback(self._file.fileno(), start, size)  # so the fsync in `finish` has little left to wait for
         self._pixels.update(digests)
