@@ -4,7 +4,8 @@ Runs are read from their MLflow experiment and grouped into arms by the settings
 D's 1x1 reduction, spectral norm/augmentation/R1). Per arm, over seeds (mean and standard deviation): D loss, D accuracy
 on real and fake, mean D(real) and D(fake), G loss, all over the last quarter of training; the lowest D loss and the
 highest G loss seen; in how many log intervals and in how many runs the overpowering alarm fired; G steps taken. With
-``--reports`` (folders written by ``medgan evaluate``, one per run, named after it) FD, class fidelity and TSTR/TRTR join.
+``--reports`` (folders written by ``medgan evaluate``, one per run, named after it) FD, class fidelity and TSTR/TRTR
+join.
 
 The figure has one panel per arm: D loss (log scale), D accuracy (min of real and fake) and G loss against kimg, one
 line per seed.
@@ -32,7 +33,8 @@ ARM_ORDER = ("b4-unreduced", "b4-reduced32", "b32-unreduced", "b32-reduced32", "
 def arm_of(params: dict[str, str]) -> str:
     """The arm a run belongs to, from the settings the experiment varies."""
     red = params.get("model.d_reduce_channels", "None")
-    name = f"b{params.get('train.batch_size', '?')}-" + ("unreduced" if red in ("None", "none", "") else f"reduced{red}")
+    reduction = "unreduced" if red in ("None", "none", "") else f"reduced{red}"
+    name = f"b{params.get('train.batch_size', '?')}-{reduction}"
     product = params.get("model.spectral_norm") == "True" or params.get("train.augment", "none") != "none"
     return name + ("-default" if product else "")
 
@@ -43,7 +45,7 @@ def _tail(values: list[float]) -> float:
 
 
 def _find(metrics: dict, key: str) -> float | None:
-    """A numeric metric from a report's metrics.json, searched through its sections; None when absent or not a number."""
+    """A numeric metric from a report's metrics.json, searched through its sections; None if absent or not a number."""
     stack = [metrics]
     while stack:
         d = stack.pop()
