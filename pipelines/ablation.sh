@@ -16,14 +16,16 @@
 # benchmarks/results/ablation-cpu.json.
 #
 # Usage: pipelines/ablation.sh [DATASET]      (no DATASET: build the brain MRI subset from ../shared/data)
-#   env: KIMG (1.2), SEEDS ("0 1 2"), PER_CLASS (10), BRAIN_MRI_DIR, MEDGAN_WORKDIR (default: the repo root)
-# Cost on a 2-core CPU machine: 18 runs of 1.2 kimg, 2-4 min each at one thread, plus ~30 s of evaluation each.
+#   env: KIMG (2), SEEDS ("0 1 2"), PER_CLASS (10), JOBS (2 runs at a time), BRAIN_MRI_DIR, MEDGAN_WORKDIR (default: the repo root)
+# Cost on a 2-core CPU machine: 18 runs of 2 kimg, two at a time at one thread each (~50 min), plus ~30 s of
+# evaluation per run.
 set -euo pipefail
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 WORK=${MEDGAN_WORKDIR:-$REPO}
-KIMG=${KIMG:-1.2}
+KIMG=${KIMG:-2}
 SEEDS=${SEEDS:-"0 1 2"}
 PER_CLASS=${PER_CLASS:-10}
+JOBS=${JOBS:-2}
 [ -n "${MEDGAN_SKIP_SETUP:-}" ] || bash "$REPO/pipelines/setup.sh"
 MEDGAN=${MEDGAN:-"$REPO/.venv/bin/medgan"}
 PY=${PY:-"$REPO/.venv/bin/python"}
@@ -52,15 +54,24 @@ common=(--data "$DATASET" --config "$REPO/configs/train/ablation.yaml" --out "$W
         --set "train.total_kimg=$KIMG" --set "track.experiment=$EXPERIMENT" --set track.register=false)
 default=(--set model.spectral_norm=true --set train.augment=diffaug --set train.r1_gamma=0.1)
 
-for seed in $SEEDS; do
-  s=(--set "train.seed=$seed")
-  "$MEDGAN" train "${common[@]}" "${s[@]}" --set train.batch_size=4 --set model.d_reduce_channels=none
-  "$MEDGAN" train "${common[@]}" "${s[@]}" --set train.batch_size=4 --set model.d_reduce_channels=32
-  "$MEDGAN" train "${common[@]}" "${s[@]}" --set train.batch_size=32 --set model.d_reduce_channels=none
-  "$MEDGAN" train "${common[@]}" "${s[@]}" --set train.batch_size=32 --set model.d_reduce_channels=32
-  "$MEDGAN" train "${common[@]}" "${s[@]}" --set train.batch_size=32 --set model.d_reduce_channels=16
-  "$MEDGAN" train "${common[@]}" "${s[@]}" --set train.batch_size=4 --set model.d_reduce_channels=none "${default[@]}"
-done
+arms=("--set train.batch_size=4 --set model.d_reduce_channels=none"
+      "--set train.batch_size=4 --set model.d_reduce_channels=32"
+      "--set train.batch_size=32 --set model.d_reduce_channels=none"
+      "--set train.batch_size=32 --set model.d_reduce_channels=32"
+      "--set train.batch_size=32 --set model.d_reduce_channels=16"
+      "--set train.batch_size=4 --set model.d_reduce_channels=none ${default[*]}")
+runs=()
+for seed in $SEEDS; do for arm in "${arms[@]}"; do runs+=("--set train.seed=$seed $arm"); done; done
+# JOBS runs at a time (one thread each); the lanes start 30 s apart so the first creates the experiment alone.
+lane() {
+  for ((i = $1; i < ${#runs[@]}; i += JOBS)); do
+    # shellcheck disable=SC2086  # each arm is a list of words
+    "$MEDGAN" train "${common[@]}" ${runs[$i]}
+  done
+}
+pids=()
+for ((l = 0; l < JOBS; l++)); do (sleep $((30 * l)); lane "$l") & pids+=($!); done
+for pid in "${pids[@]}"; do wait "$pid"; done
 
 # Each arm's final generator through the same evaluation (FD, class fidelity, TSTR/TRTR), reports beside the runs.
 for run in "$WORK"/runs/ablation/"$NAME"-ablation-*/; do
