@@ -1,4 +1,4 @@
-"""The CUDA paths: autocast dtype and channels_last, torch.compile as one graph, the device-resident feeder, export on CUDA.
+"""The CUDA paths: bf16 autocast and channels_last, torch.compile as one graph, the on-device feeder, export on CUDA.
 
 Marked ``gpu``: they run on CUDA and skip without it. ``MEDGAN_TEST_DEVICE=cpu`` runs the same tests on the CPU (the
 CPU-sized GPU check does, so a GPU slot never meets a typo); the CUDA-only parts (inductor, TF32-free cuDNN) then
@@ -33,6 +33,14 @@ def device() -> torch.device:
     if name.startswith("cuda") and not torch.cuda.is_available():
         pytest.skip("needs CUDA (MEDGAN_TEST_DEVICE=cpu runs these tests on the CPU)")
     return torch.device(name)
+
+
+@pytest.fixture(autouse=True)
+def backend_flags():
+    """`dist.setup` turns TF32 and cuDNN autotuning on for the process: give each test the flags it started with."""
+    saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark)
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark = saved
 
 
 def networks(device: torch.device, memory_format=torch.contiguous_format) -> tuple[Generator, Discriminator]:
@@ -79,6 +87,13 @@ def test_env_runs_bf16_autocast_and_channels_last_on_the_device(device):
 def test_generator_and_discriminator_compile_as_one_graph(device):
     # fullgraph=True fails on any graph break; inductor on CUDA (what medgan runs), dynamo's eager backend on the CPU.
     backend = "inductor" if device.type == "cuda" else "eager"
+    torch.backends.cuda.matmul.allow_tf32 = False  # full fp32 on both sides: only fusion and ordering may differ
+    exact = torch.backends.cudnn.flags(enabled=True, benchmark=False, deterministic=True, allow_tf32=False)
+    with exact:
+        compare_compiled(device, backend)
+
+
+def compare_compiled(device: torch.device, backend: str) -> None:
     G, D = networks(device)
     D_twin = copy.deepcopy(D)  # spectral norm's power iteration updates D on every call: compare from one state
     Gc, Dc = torch.compile(G, fullgraph=True, backend=backend), torch.compile(D_twin, fullgraph=True, backend=backend)
