@@ -62,6 +62,10 @@ if cuda:
     add("bf16", torch.cuda.is_bf16_supported)
     add("cudnn", torch.backends.cudnn.version)
     add("nccl", lambda: str(torch.cuda.nccl.version()) if d.is_nccl_available() else "not available")
+    add("triton", lambda: __import__("triton").__version__)
+# torch.compile's inductor needs a C compiler (triton builds its launcher with it): name it before compile stages fail.
+import shutil
+info["c_compiler"] = shutil.which("gcc") or shutil.which("cc") or "not found"
 print(json.dumps(info))
 """
 
@@ -111,7 +115,8 @@ def figure_line(name: str, r: dict[str, Any]) -> str:
         return f"{head}  {r.get('reason', '')[:160]}"
     if name == "env":
         device = r.get("device", "no CUDA")
-        return f"{head}  torch {r.get('torch')}, {device}, cuda {r.get('cuda')}, nccl {r.get('nccl')}"
+        versions = f"cuda {r.get('cuda')}, nccl {r.get('nccl')}, triton {r.get('triton')}, cc {r.get('c_compiler')}"
+        return f"{head}  torch {r.get('torch')}, {device}, {versions}"
     if name == "tests":
         return f"{head}  {r['passed']} passed, {r['failed']} failed, {r['skipped']} skipped"
     if name == "train_step":
@@ -154,6 +159,8 @@ def main() -> int:
     work.mkdir(parents=True, exist_ok=True)
 
     report: dict[str, Any] = {"device_requested": args.device, "quick": args.quick, "budget_s": budget, "stages": {}}
+    report["work"], report["order"] = str(work), list(args.stages)  # the JSON's keys are sorted: the run order
+    path = None
     for i, name in enumerate(args.stages):
         later = sum(min(BOXES[s][args.quick], 3 * MIN_BOX_S) for s in args.stages[i + 1 :])
         box = min(BOXES[name][args.quick], deadline - time.monotonic() - later)
@@ -172,31 +179,37 @@ def main() -> int:
         report["stages"][name] = record
         print(figure_line(name, record), flush=True)
         if name == "env" and args.device.startswith("cuda") and not record.get("cuda_available"):
-            print("gpu_check: CUDA is not available here; run with --device cpu --quick on a CPU machine", flush=True)
-            break
+            print("gpu_check: CUDA is not available here (nothing written); on a CPU: --device cpu --quick", flush=True)
+            return 2
+        path = path or results_path(args, report)
+        report["total_s"] = round(budget - (deadline - time.monotonic()), 1)
+        save(path, report)  # after every stage: a check cut short still leaves what it measured
 
-    env = report["stages"].get("env", {})
-    name = str(env.get("device", ""))
-    slug = (
-        "cpu"
-        if not args.device.startswith("cuda")
-        else device_slug(name)
-        if name and "not measurable" not in name
-        else "cuda"
-    )
-    path = args.results / f"{slug}{'-quick' if args.quick else ''}.json"
+    ok = all(r["status"] == "ok" for r in report["stages"].values()) and len(report["stages"]) == len(args.stages)
+    print(f"gpu_check: {'all stages ok' if ok else 'some stages failed'} in {report['total_s']:.0f} s; wrote {path}")
+    return 0 if ok else 1
+
+
+def results_path(args: argparse.Namespace, report: dict[str, Any]) -> Path:
+    """``<results>/<device>.json``: the CUDA device's name (from the env stage) in lower case, or ``cpu``."""
+    name = str(report["stages"].get("env", {}).get("device", ""))
+    if not args.device.startswith("cuda"):
+        slug = "cpu"
+    elif name and not name.startswith("not measurable"):
+        slug = device_slug(name)
+    else:
+        slug = "cuda"
     report["device"] = slug
-    report["total_s"] = round(budget - (deadline - time.monotonic()), 1)
-    report["work"] = str(work)
+    return args.results / f"{slug}{'-quick' if args.quick else ''}.json"
+
+
+def save(path: Path, report: dict[str, Any]) -> None:
     sys.path.insert(0, str(ROOT))
     from medgan.io import atomic_write_json
 
     merged = json.loads(path.read_text()) if path.is_file() else {}
     merged["gpu_check"] = report
     atomic_write_json(path, merged)
-    ok = all(r["status"] == "ok" for r in report["stages"].values()) and len(report["stages"]) == len(args.stages)
-    print(f"gpu_check: {'all stages ok' if ok else 'some stages failed'} in {report['total_s']:.0f} s; wrote {path}")
-    return 0 if ok else 1
 
 
 def probe_env(box_s: float) -> dict[str, Any]:

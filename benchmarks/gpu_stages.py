@@ -69,11 +69,11 @@ def stage_tests(args: argparse.Namespace, out: Fragment) -> None:
         raise RuntimeError(f"pytest wrote no report (exit {proc.returncode}): {tail(proc.stdout + proc.stderr)}")
     suite = ET.parse(junit).getroot().iter("testsuite").__next__()
     counts = {k: int(suite.get(k, 0)) for k in ("tests", "failures", "errors", "skipped")}
-    failed = [
-        f"{case.get('name')}: {(case.find('failure') or case.find('error')).get('message', '')[:200]}"
-        for case in suite.iter("testcase")
-        if case.find("failure") is not None or case.find("error") is not None
-    ]
+    failed = []
+    for case in suite.iter("testcase"):
+        bad = case.find("failure") if case.find("failure") is not None else case.find("error")
+        if bad is not None:  # (an Element without children is falsy: compare with None)
+            failed.append(f"{case.get('name')}: {bad.get('message', '')[:200]}")
     out.update(
         device=args.device,
         paths=paths,
@@ -84,6 +84,8 @@ def stage_tests(args: argparse.Namespace, out: Fragment) -> None:
         exit_code=proc.returncode,
         summary=tail(proc.stdout, 1),
     )
+    if failed or proc.returncode not in (0, 5):  # 5: nothing collected (no gpu-marked tests)
+        raise RuntimeError(f"gpu tests: {tail(proc.stdout, 1)}")
 
 
 def stage_train_step(args: argparse.Namespace, out: Fragment) -> None:
@@ -135,6 +137,9 @@ def stage_train_step(args: argparse.Namespace, out: Fragment) -> None:
             matmul_peak_tflops=ts["matmul_peak_tflops"],
             settings=" ".join(size),
         )
+    missing = {k: v for k, v in out.data.items() if k.startswith("batch_") and isinstance(v, str)}
+    if missing:
+        raise RuntimeError(f"train_step: {missing}")
 
 
 def dataset_path(work: Path) -> Path:
@@ -218,8 +223,14 @@ def stage_train(args: argparse.Namespace, out: Fragment) -> None:
             "took_effect": compiled,
             "first_step_compile_s": compile_s,
             "first_log_interval_s": first_s,
+            "evidence": f"the run logged env.compile={params.get('env.compile')}; its first log interval took "
+            f"{first_s:.1f} s, {logged[0][0] / steady if steady else float('nan'):.2f} s at the run's median rate",
         },
-        bf16={"requested": cfg.train.precision, "took_effect": params.get("env.precision") == "bf16"},
+        bf16={
+            "requested": cfg.train.precision,
+            "took_effect": params.get("env.precision") == "bf16",
+            "evidence": f"the run logged env.precision={params.get('env.precision')} (autocast dtype)",
+        },
         channels_last={
             "requested": cfg.train.channels_last,
             "took_effect": channels_last,

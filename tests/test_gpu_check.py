@@ -10,6 +10,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -39,7 +40,7 @@ def check(tmp_path_factory) -> tuple[subprocess.CompletedProcess, dict]:
 @pytest.mark.slow
 def test_every_stage_runs_and_passes_on_cpu(check):
     proc, report = check
-    assert list(report["stages"]) == list(STAGES)
+    assert report["order"] == list(STAGES) and sorted(report["stages"]) == sorted(STAGES)
     failed = {k: r.get("reason") for k, r in report["stages"].items() if r["status"] != "ok"}
     assert not failed, failed
     assert proc.returncode == 0 and "all stages ok" in proc.stdout
@@ -95,3 +96,26 @@ def test_gpu_requirements_are_medgans_dependencies_without_torch():
     listed = {name(line) for line in lines if name(line)}
     assert "torch" not in listed, "the GPU machine's own torch must stay: do not list torch"
     assert listed == wanted, f"missing {sorted(wanted - listed)}, extra {sorted(listed - wanted)}"
+
+
+def load_check():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "benchmarks" / "gpu_check.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_a_stage_past_its_box_is_killed_and_a_failing_one_says_why(tmp_path):
+    import argparse
+
+    gpu_check = load_check()
+    args = argparse.Namespace(device="cpu", quick=True)
+    t0 = time.monotonic()
+    late = gpu_check.run_stage("ingest", 1.0, args, tmp_path, [])  # a Python start alone takes longer
+    assert late["status"] == "timed out" and "ran past its 1 s box" in late["reason"]
+    assert time.monotonic() - t0 < 15  # killed, not waited for
+    assert not (tmp_path / "datasets" / "sample").exists()
+    failed = gpu_check.run_stage("export", 60.0, args, tmp_path, [])  # nothing trained in this scratch folder
+    assert failed["status"] == "failed" and "no checkpoint to export" in failed["reason"]
