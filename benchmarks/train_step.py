@@ -8,13 +8,14 @@ on-device batches and augmentation, bf16 autocast where supported, lazy R1 and E
 
 Both run interleaved (A, B, A, B, ...) at batch 32 and 64; img/s is the median over repeats. FLOPs per image per step
 are counted once with torch.utils.flop_counter on the algorithm's useful work (G fwd+bwd, D fwd+bwd on real and fake,
-D fwd + input grad for G) and related to the machine's matmul peak, measured with a large bf16 and fp32 matmul.
+D fwd + input grad for G) and related to the machine's matmul peak, measured with a large bf16 and fp32 matmul, and
+to the device's nominal dense bf16 peak (`BF16_DENSE_PEAK_TFLOPS` by device name, or ``--peak-tflops``).
 Results are merged into ``benchmarks/results/<device>.json`` under ``"train_step"`` (other keys are kept).
 
 Usage:
     python benchmarks/train_step.py                          # full DCGAN-128 widths, CPU, 2 repeats
     python benchmarks/train_step.py --width 32 --steps 3     # quick look on a busy machine
-    python benchmarks/train_step.py --device cuda --steps 50 --batches 64 512
+    python benchmarks/train_step.py --device cuda --steps 50 --batches 64 512 --n-images 4096
 """
 
 from __future__ import annotations
@@ -41,6 +42,29 @@ from medgan.models.discriminator import Discriminator
 from medgan.models.generator import Generator
 from medgan.train import dist
 from medgan.train.loop import train
+
+# Nominal dense (no sparsity) bf16 tensor-core peaks in TFLOP/s from the vendors' data sheets, matched in order against
+# the lower-cased CUDA device name; the first match wins, so the more specific names come first.
+BF16_DENSE_PEAK_TFLOPS = (
+    ("h100 pcie", 756.0),
+    ("h100 nvl", 835.0),
+    ("h100", 989.0),  # SXM
+    ("h200", 989.0),
+    ("gh200", 989.0),
+    ("b200", 2250.0),
+    ("a100", 312.0),
+    ("l40s", 362.0),
+    ("l4", 121.0),
+    ("a10", 125.0),
+)
+
+
+def nominal_bf16_peak(device: str) -> float | None:
+    """The device's dense bf16 peak in FLOP/s from `BF16_DENSE_PEAK_TFLOPS`, or None when it is not in the table."""
+    if not device.startswith("cuda"):
+        return None
+    name = torch.cuda.get_device_name(device).lower()
+    return next((tflops * 1e12 for key, tflops in BF16_DENSE_PEAK_TFLOPS if key in name), None)
 
 
 def device_name(device: str) -> str:
@@ -165,6 +189,9 @@ def step_flops(cfg: Config, nc: int, device: str) -> float:
     return counter.get_total_flops() / b
 
 
+PROBES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+
+
 def matmul_peak(device: str, dtype: torch.dtype, n: int = 4096, reps: int = 5) -> float:
     a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
     a @ b
@@ -194,18 +221,22 @@ def main() -> None:
     parser.add_argument("--batches", type=int, nargs="+", default=[32, 64])
     parser.add_argument("--steps", type=int, default=5, help="timed steps per measurement (after as many warm-up)")
     parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--data", type=Path, default=None, help="a slice dataset (default: 512 synthetic slices)")
+    parser.add_argument("--data", type=Path, default=None, help="a slice dataset (default: synthetic slices)")
+    parser.add_argument("--n-images", type=int, default=512, help="synthetic slices (a few largest batches)")
+    parser.add_argument("--peak-tflops", type=float, default=None, help="the device's dense bf16 peak (default: table)")
+    parser.add_argument("--matmul-n", type=int, default=4096, help="size of the square matmuls that probe the peak")
     parser.add_argument("--results", type=Path, default=Path(__file__).parent / "results")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        data = args.data or synthetic_dataset(tmp / "bench")
+        data = args.data or synthetic_dataset(tmp / "bench", args.n_images)
         ds = SliceDataset.open(data)
         write_pngs(ds, tmp / "png")
         env = dist.setup(config(args.width, 32, args.device).train)
         flops = step_flops(config(args.width, 32, args.device), len(ds.classes), args.device)
-        peak = {"bf16": matmul_peak(args.device, torch.bfloat16), "fp32": matmul_peak(args.device, torch.float32)}
+        peak = {k: matmul_peak(args.device, dtype, args.matmul_n) for k, dtype in PROBES.items()}
+        nominal = args.peak_tflops * 1e12 if args.peak_tflops else nominal_bf16_peak(args.device)
         print(f"{flops / 1e9:.2f} GFLOP per image per step; matmul peak bf16 {peak['bf16'] / 1e12:.2f} TFLOP/s, "
               f"fp32 {peak['fp32'] / 1e12:.2f} TFLOP/s; medgan runs {env.describe()}")  # fmt: skip
         runs: dict[int, dict[str, list[float]]] = {b: {"medgan": [], "baseline": []} for b in args.batches}
@@ -226,6 +257,7 @@ def main() -> None:
                 "baseline_img_per_s": base,
                 "ratio": m / base,
                 "medgan_fraction_of_peak": m * flops / peak_used,
+                "medgan_fraction_of_bf16_peak": m * flops / nominal if nominal else None,
                 "baseline_fraction_of_fp32_peak": base * flops / peak["fp32"],
                 "data_img_per_s": feed,
                 "data_over_step": feed / m,
@@ -247,6 +279,9 @@ def main() -> None:
         "gflop_per_image_step": flops / 1e9,
         "load_avg_1m_at_end": os.getloadavg()[0],  # a busy shared machine depresses both sides and the peak
         "matmul_peak_tflops": {k: v / 1e12 for k, v in peak.items()},
+        "bf16_dense_peak_tflops": nominal / 1e12 if nominal else None,
+        "bf16_dense_peak_source": "--peak-tflops" if args.peak_tflops else ("table" if nominal else None),
+        "n_images": args.n_images if args.data is None else len(ds),
         "results": results,
     }
     atomic_write_json(path, merged)

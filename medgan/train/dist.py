@@ -3,9 +3,9 @@
 bf16 autocast on CUDA and on CPUs with native bf16 (measured ~1.7x on an AVX512-BF16 CPU), fp32 otherwise;
 channels_last; torch.compile on CUDA only (slower on CPU). DDP follows torchrun: its RANK/WORLD_SIZE/LOCAL_RANK
 variables are the one environment read here (library code otherwise never reads the environment); gloo on CPU, NCCL
-on GPU. Gradients are
-all-reduced by hand after each backward (as stylegan2-ada does), so D can be frozen during the G step without DDP's
-unused-parameter bookkeeping.
+on GPU. Any torchrun launch joins a process group, one process included, so `torchrun --nproc_per_node 1` runs the
+same collectives as a multi-GPU job. Gradients are all-reduced by hand after each backward (as stylegan2-ada does), so
+D can be frozen during the G step without DDP's unused-parameter bookkeeping.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ class Env:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    distributed: bool = False  # in a process group (any torchrun launch): collectives run, even on one process
 
     @property
     def is_main(self) -> bool:
@@ -46,7 +47,7 @@ class Env:
 
     def describe(self) -> str:
         backend = "nccl" if self.device.type == "cuda" else "gloo"
-        ddp = f", DDP {self.world_size} x {backend}" if self.world_size > 1 else ""
+        ddp = f", DDP {self.world_size} x {backend}" if self.distributed else ""
         return f"{self.device} {self.precision}{', compiled' if self.compile else ''}{ddp}"
 
 
@@ -69,9 +70,10 @@ def setup(cfg: TrainConfig) -> Env:
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    distributed = world_size > 1 or "TORCHELASTIC_RUN_ID" in os.environ  # torchrun sets it, also for one process
     if cfg.device == "auto":
         device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
-    elif cfg.device == "cuda" and world_size > 1:
+    elif cfg.device == "cuda" and distributed:
         device = torch.device(f"cuda:{local_rank}")
     else:
         device = torch.device(cfg.device)
@@ -82,7 +84,7 @@ def setup(cfg: TrainConfig) -> Env:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
         torch.backends.cudnn.benchmark = True
-    if world_size > 1 and not tdist.is_initialized():
+    if distributed and not tdist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
         tdist.init_process_group(backend, rank=rank, world_size=world_size, timeout=datetime.timedelta(minutes=30))
     if cfg.precision not in ("auto", "bf16", "fp32"):
@@ -96,12 +98,12 @@ def setup(cfg: TrainConfig) -> Env:
     if cfg.compile not in ("auto", "true", "false"):
         raise ValueError(f"train.compile={cfg.compile!r}; use auto, true or false")
     compile_ = cfg.compile == "true" or (cfg.compile == "auto" and device.type == "cuda")
-    return Env(device, dtype, compile_, cfg.channels_last, rank, world_size, local_rank)
+    return Env(device, dtype, compile_, cfg.channels_last, rank, world_size, local_rank, distributed)
 
 
 def all_reduce_grads(env: Env, params: list[torch.nn.Parameter]) -> None:
-    """Average gradients over ranks with one flat all-reduce (a no-op on one process)."""
-    if env.world_size == 1:
+    """Average gradients over ranks with one flat all-reduce (a no-op outside a process group)."""
+    if not env.distributed:
         return
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
@@ -114,7 +116,7 @@ def all_reduce_grads(env: Env, params: list[torch.nn.Parameter]) -> None:
 
 
 def all_reduce_mean(env: Env, t: torch.Tensor) -> torch.Tensor:
-    if env.world_size == 1:
+    if not env.distributed:
         return t
     t = t.clone()
     tdist.all_reduce(t)
@@ -123,14 +125,14 @@ def all_reduce_mean(env: Env, t: torch.Tensor) -> torch.Tensor:
 
 def broadcast_module(env: Env, module: torch.nn.Module) -> None:
     """Make every rank start from rank 0's parameters and buffers."""
-    if env.world_size == 1:
+    if not env.distributed:
         return
     for t in list(module.parameters()) + list(module.buffers()):
         tdist.broadcast(t.data, src=0)
 
 
 def broadcast_object(env: Env, obj):
-    if env.world_size == 1:
+    if not env.distributed:
         return obj
     box = [obj]
     tdist.broadcast_object_list(box, src=0)
@@ -138,10 +140,10 @@ def broadcast_object(env: Env, obj):
 
 
 def barrier(env: Env) -> None:
-    if env.world_size > 1:
+    if env.distributed:
         tdist.barrier()
 
 
 def cleanup(env: Env) -> None:
-    if env.world_size > 1 and tdist.is_initialized():
+    if env.distributed and tdist.is_initialized():
         tdist.destroy_process_group()
