@@ -5,8 +5,12 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
+
+if TYPE_CHECKING:
+    from medgan.dataset import SliceDataset
 
 CONFIG_HELP = "YAML overlay(s) of the form {section: {field: value}}, applied in order."
 SET_HELP = "Override one config field, e.g. --set train.batch_size=64 (repeatable)."
@@ -108,6 +112,44 @@ def ingest(folder, manifest, root, out, key_file, workers, strict, config_files,
         sys.exit(1)
 
 
+def _describe(ds: SliceDataset) -> str:
+    """A table of slice counts per split x class, plus schema, size, content hash and whether it is synthetic.
+
+    Example:
+        >>> print(_describe(SliceDataset.open("datasets/brain")))
+    """
+    import numpy as np
+
+    from medgan.dataset import SPLITS
+
+    classes = ds.classes
+    labels, splits = ds.labels, ds.splits
+    width = max(8, *(len(c) for c in classes)) if classes else 8
+    meta = ds.meta
+    lines = [
+        f"dataset: {ds.path}",
+        f"schema {meta.get('schema')}, {len(ds)} slices at {meta.get('resolution')}x{meta.get('resolution')}, "
+        f"{len(classes)} classes, synthetic: {str(ds.synthetic).lower()}",
+        f"content hash: {ds.content_hash}",
+    ]
+    norm = meta.get("normalization")
+    if isinstance(norm, dict) and norm.get("used"):
+        lines.append("normalization: " + "; ".join(norm["used"]))
+    if ds.synthetic and meta.get("generator"):
+        lines.append(f"generator: {meta['generator']}")
+    lines.append(f"{'split':<6} " + " ".join(f"{c:>{width}}" for c in classes) + f" {'total':>8}")
+    for split in SPLITS:
+        in_split = labels[splits == split]
+        counts = np.bincount(in_split, minlength=len(classes))
+        lines.append(f"{split:<6} " + " ".join(f"{int(n):>{width}}" for n in counts) + f" {len(in_split):>8}")
+    totals = np.bincount(labels, minlength=len(classes)) if len(labels) else np.zeros(len(classes), int)
+    lines.append(f"{'all':<6} " + " ".join(f"{int(n):>{width}}" for n in totals) + f" {len(labels):>8}")
+    patients = set(ds.column("patient").tolist()) - {""}
+    if patients:
+        lines.append(f"patients (pseudonymous): {len(patients)}")
+    return "\n".join(lines)
+
+
 @main.command()
 @click.argument("dataset", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option(
@@ -119,12 +161,12 @@ def ingest(folder, manifest, root, out, key_file, workers, strict, config_files,
 @click.option("--per-class", type=int, default=8, show_default=True, help="Slices per class on the sheet.")
 def info(dataset, sheet, per_class) -> None:
     """Print a dataset's counts per split and class and write a contact sheet PNG."""
-    from medgan.ingest.sheet import contact_sheet, describe
-    from medgan.ingest.store import SliceDataset
+    from medgan.dataset import SliceDataset
+    from medgan.viz import contact_sheet
 
     try:
         ds = SliceDataset.open(dataset)
-        click.echo(describe(ds))
+        click.echo(_describe(ds))
         path = contact_sheet(ds, sheet or dataset / "contact_sheet.png", per_class=per_class)
     except (ValueError, FileNotFoundError) as e:
         _fail(e)

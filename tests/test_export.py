@@ -15,10 +15,10 @@ import pytest
 import torch
 
 from medgan.config import Config, ModelConfig
+from medgan.dataset import SliceDataset
 from medgan.export import SEED_STRIDE, export_dataset, image_seed, read_image
 from medgan.export.dicom import PATIENT_ID, PATIENT_NAME, SC_IMAGE_STORAGE, SYNTHETIC_MARKER, check_dicom
 from medgan.export.formats import QUANTIZATION
-from medgan.ingest.store import SliceDataset
 from medgan.models.generator import CondBatchNorm, Generator, LoadedGenerator, generate
 
 SPACING_MM = 1.5
@@ -275,7 +275,7 @@ def test_export_is_a_synthetic_slice_dataset(exports):
     assert ds.images.shape == (2 * N_PER_CLASS, 1, 128, 128) and ds.images.dtype == np.float16
     assert list(ds.labels) == [0] * N_PER_CLASS + [1] * N_PER_CLASS
     assert len(ds.indices("train")) == len(ds) and len(ds.indices("test")) == 0
-    assert ds.column("seed") == [r["seed"] for r in manifest(exports["png8"])]
+    assert ds.column("seed").tolist() == [int(r["seed"]) for r in manifest(exports["png8"])]
     assert set(ds.column("patient")) == {""} and set(ds.column("volume")) == {"synthetic"}
     gen, ex = ds.meta["generator"], ds.meta["export"]
     assert (gen["model_uri"], gen["version"], gen["run_id"]) == ("models:/medgan-demo/3", "3", "0123abcd")

@@ -123,7 +123,7 @@ def run_export(
 
 
 def _check_options(cfg: Config) -> None:
-    from medgan.ingest.store import SPLITS
+    from medgan.dataset import SPLITS
 
     e = cfg.export
     if e.format not in FORMATS:
@@ -228,8 +228,8 @@ def export_dataset(
     import torch
     from tqdm import tqdm
 
+    from medgan.dataset import write_dataset
     from medgan.export import dicom, manifests
-    from medgan.ingest.store import write_dataset
     from medgan.models.generator import generate
 
     t0 = time.perf_counter()
@@ -353,13 +353,9 @@ def export_dataset(
             # The export's resolved config, with the model section the generator was actually built from.
             "config": {**to_dict(cfg), "model": to_dict(loaded.model_cfg)},
         }
-        # write_dataset builds its own <name>.partial and renames it: let it do so inside ours, then move the files up.
-        inner = tmp / ".dataset"
-        ds_meta = write_dataset(inner, stage, rows, loaded.classes, meta=meta)
+        # Our folder is already atomic: the dataset's files go straight into it.
+        ds_meta = write_dataset(tmp, stage, rows, loaded.classes, meta=meta, atomic=False)
         del stage
-        for f in inner.iterdir():
-            os.replace(f, tmp / f.name)
-        inner.rmdir()
         staging.unlink()
 
         labels_list, seeds_list = plan_labels.tolist(), plan_seeds.tolist()

@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from medgan.config import Config, flatten, from_dict, to_dict
 from medgan.data import DeviceFeeder, step_seed
-from medgan.ingest.store import SliceDataset
+from medgan.dataset import SliceDataset
 from medgan.models.discriminator import Discriminator
 from medgan.models.generator import Generator, generate
 from medgan.train import checkpoint, dist, losses
