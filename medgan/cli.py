@@ -16,13 +16,17 @@ CONFIG_HELP = "YAML overlay(s) of the form {section: {field: value}}, applied in
 SET_HELP = "Override one config field, e.g. --set train.batch_size=64 (repeatable)."
 
 
-def _config(config_files: tuple[str, ...], sets: tuple[str, ...]):
+def _config(config_files: tuple[str, ...], sets: tuple[str, ...], options: dict | None = None):
+    """The resolved, validated config; command `options` (``{"section.field": value}``, None = not given) apply
+    last. A bad file, key or value is one line on stderr and exit code 2, as for a bad option."""
     from medgan.config import ConfigError, load_config
 
+    overrides = {k: v for k, v in (options or {}).items() if v is not None}
     try:
-        return load_config(list(config_files), list(sets))
+        return load_config(list(config_files), list(sets), overrides)
     except ConfigError as e:
-        raise click.UsageError(str(e)) from None
+        click.echo(f"medgan: error: {e}", err=True)
+        sys.exit(2)
 
 
 def _dry_run(cfg) -> None:
@@ -93,9 +97,7 @@ def ingest(folder, manifest, root, out, key_file, workers, strict, config_files,
 
     # pydicom's warnings can quote file names and UIDs: keep them out of the logs.
     logging.getLogger("pydicom").setLevel(logging.ERROR)
-    cfg = _config(config_files, sets)
-    if workers is not None:
-        cfg.ingest.workers = workers
+    cfg = _config(config_files, sets, {"ingest.workers": workers})
     if dry_run:
         return _dry_run(cfg)
     if (manifest is None) == (folder is None):
@@ -221,10 +223,8 @@ def train(data, out, resume, tracking_uri, no_track, config_files, sets, dry_run
 @config_options
 def evaluate(model_ref, data, n_per_class, out, promote, tracking_uri, config_files, sets, dry_run) -> None:
     """Offline quality, utility and privacy metrics of a generator against the real dataset."""
-    cfg = _config(config_files, sets)
+    cfg = _config(config_files, sets, {"eval.n_per_class": n_per_class})
     _tracking_uri(tracking_uri, cfg)
-    if n_per_class is not None:
-        cfg.eval.n_per_class = n_per_class
     if dry_run:
         return _dry_run(cfg)
     from medgan.evaluate import run_evaluate
@@ -255,14 +255,8 @@ def evaluate(model_ref, data, n_per_class, out, promote, tracking_uri, config_fi
 @config_options
 def export(model_ref, out, n_per_class, fmt, seed, classes, force, tracking_uri, config_files, sets, dry_run) -> None:
     """Generate a synthetic dataset (slice-dataset format + images + MONAI datalist) from a generator."""
-    cfg = _config(config_files, sets)
+    cfg = _config(config_files, sets, {"export.n_per_class": n_per_class, "export.format": fmt, "export.seed": seed})
     _tracking_uri(tracking_uri, cfg)
-    if n_per_class is not None:
-        cfg.export.n_per_class = n_per_class
-    if fmt is not None:
-        cfg.export.format = fmt
-    if seed is not None:
-        cfg.export.seed = seed
     if dry_run:
         return _dry_run(cfg)
     from medgan.export import run_export
