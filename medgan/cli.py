@@ -250,7 +250,9 @@ def evaluate(model_ref, data, n_per_class, out, promote, tracking_uri, config_fi
 @click.option("--format", "fmt", type=click.Choice(["png", "npy", "nifti", "dicom"]), default=None)
 @click.option("--seed", type=int, default=None)
 @click.option("--classes", default=None, help="Comma-separated class names to export (default: all).")
-@click.option("--force", is_flag=True, help="Replace a non-empty output folder.")
+@click.option(
+    "--force", is_flag=True, help="Replace an earlier medgan export at --out (never a real dataset or other files)."
+)
 @click.option("--tracking-uri", default=None)
 @config_options
 def export(model_ref, out, n_per_class, fmt, seed, classes, force, tracking_uri, config_files, sets, dry_run) -> None:

@@ -221,17 +221,75 @@ def test_same_model_and_seed_give_identical_files(loaded, exports, tmp_path):
 
 def test_refuses_non_empty_output_without_force(loaded, tmp_path):
     out = tmp_path / "synthetic"
-    out.mkdir()
-    (out / "keep.txt").write_text("mine")
+    export_dataset(loaded, make_cfg("npy", n=1), out, progress=False)
     with pytest.raises(FileExistsError, match="--force"):
-        export_dataset(loaded, make_cfg("npy", n=1), out, progress=False)
-    assert (out / "keep.txt").read_text() == "mine"
-    res = export_dataset(loaded, make_cfg("npy", n=1), out, force=True, progress=False)
-    assert not (out / "keep.txt").exists() and res.n_images == 2 and (out / "dataset.json").is_file()
+        export_dataset(loaded, make_cfg("npy", n=2), out, progress=False)
+    assert len(manifest(out)) == 2
+    res = export_dataset(loaded, make_cfg("npy", n=2), out, force=True, progress=False)  # an earlier export: replaced
+    assert res.n_images == 4 and len(manifest(out)) == 4 and SliceDataset.open(out).synthetic
     assert not out.with_name("synthetic.partial").exists()
     (tmp_path / "a_file").write_text("x")
     with pytest.raises(FileExistsError, match="is a file"):
         export_dataset(loaded, make_cfg("npy", n=1), tmp_path / "a_file", force=True, progress=False)
+
+
+def _tree(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_force_never_deletes_what_medgan_export_did_not_write(loaded, tmp_path):
+    """--force replaces an earlier export only: an unrelated file, a real dataset, or an export someone added a file
+    to are refused with the reason, and every byte stays where it was."""
+    from medgan.dataset import write_dataset
+
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("my notes")
+    real = tmp_path / "real"
+    rows = [{"split": "train", "label": i % 2, "patient": "p-1", "volume": "p-2", "slice_index": i,
+             "position_mm": 0.0, "spacing_mm": 1.0, "modality": "CT", "seed": ""} for i in range(4)]  # fmt: skip
+    write_dataset(real, np.zeros((4, 1, 128, 128), np.float16), rows, ["a", "b"])
+    added = tmp_path / "added"
+    export_dataset(loaded, make_cfg("png", n=1), added, progress=False)
+    (added / "images" / "a" / "extra.png").write_bytes(b"not from medgan")
+    renamed = tmp_path / "renamed"
+    export_dataset(loaded, make_cfg("png", n=1), renamed, progress=False)
+    (renamed / "labels.csv").write_text("a user's table")
+    reasons = {
+        mine: "no readable dataset.json",
+        real: r"real dataset \(dataset.json says synthetic: false\); medgan never replaces one",
+        added: r"files medgan export did not write: \['images/a/extra.png'\]",
+        renamed: r"files medgan export did not write: \['labels.csv'\]",
+    }
+    for out, why in reasons.items():
+        before = _tree(out)
+        with pytest.raises(FileExistsError, match=f"--force replaces only an earlier medgan export, and .*{why}"):
+            export_dataset(loaded, make_cfg("npy", n=1), out, force=True, progress=False)
+        assert _tree(out) == before and not out.with_name(out.name + ".partial").exists()
+    assert SliceDataset.open(real).synthetic is False and len(SliceDataset.open(real)) == 4
+    # A folder left at <out>.partial that holds other files is not removed either.
+    odd = tmp_path / "new.partial"
+    odd.mkdir()
+    (odd / "thesis.tex").write_text("draft")
+    with pytest.raises(FileExistsError, match=r"new.partial holds files medgan export did not write"):
+        export_dataset(loaded, make_cfg("npy", n=1), tmp_path / "new", progress=False)
+    assert (odd / "thesis.tex").read_text() == "draft"
+
+
+def test_the_cli_refuses_force_over_a_real_dataset(tmp_path):
+    from click.testing import CliRunner
+
+    from medgan.cli import main
+    from medgan.dataset import write_dataset
+
+    real = tmp_path / "real"
+    rows = [{"split": "train", "label": 0, "patient": "p-1", "volume": "p-2", "slice_index": 0, "position_mm": 0.0,
+             "spacing_mm": 1.0, "modality": "CT", "seed": ""}]  # fmt: skip
+    write_dataset(real, np.zeros((1, 1, 128, 128), np.float16), rows, ["a"])
+    before = _tree(real)
+    res = CliRunner().invoke(main, ["export", "--model", str(tmp_path / "missing.pt"), "--out", str(real), "--force"])
+    assert res.exit_code == 1 and _tree(real) == before
+    assert "real dataset (dataset.json says synthetic: false); medgan never replaces one" in res.output
 
 
 def test_interrupted_export_leaves_the_old_folder_and_no_partial(loaded, tmp_path, monkeypatch):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import io
+from pathlib import Path
 from typing import Any
 
 
@@ -15,6 +16,14 @@ def manifest_csv(classes: list[str], files: list[str], labels: list[int], seeds:
     for k, (f, c, s) in enumerate(zip(files, labels, seeds, strict=True)):
         w.writerow([k, f, classes[c], c, s])
     return buf.getvalue()
+
+
+def read_manifest(path: Path) -> list[dict[str, str]]:
+    """The rows of an export's ``manifest.csv`` (none when the file is missing)."""
+    if not path.is_file():
+        return []
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
 
 
 def datalist(name: str, classes: list[str], files: list[str], labels: list[int], seeds: list[int]) -> dict:
