@@ -104,7 +104,7 @@ def independent_read(path: Path) -> np.ndarray:
             mode, q = im.mode, np.asarray(im).astype(np.float64)
         return q / 127.5 - 1 if mode == "L" else q / 32767.5 - 1
     if name.endswith(".npy"):
-        return np.load(path)[0]
+        return np.load(path).T  # stored x first: [column, row]
     if name.endswith(".nii.gz"):
         import nibabel as nib
 
@@ -167,6 +167,11 @@ def test_dicom_files_are_valid_synthetic_and_free_of_real_identifiers(exports):
         assert ds.PatientBirthDate == "" and ds.StudyDate == ""
         assert (ds.BitsAllocated, ds.BitsStored, ds.PixelRepresentation, ds.Rows, ds.Columns) == (16, 16, 0, 128, 128)
         assert [float(v) for v in ds.PixelSpacing] == [SPACING_MM, SPACING_MM]
+        assert [float(v) for v in ds.ImageOrientationPatient] == [1, 0, 0, 0, 1, 0] and list(ds.PatientOrientation) == [
+            "L",
+            "P",
+        ]
+        assert [float(v) for v in ds.ImagePositionPatient] == [0, 0, 0] and ds.Laterality == ""
         series.setdefault(path.parent.name, set()).add(ds.SeriesInstanceUID)
         studies.add(ds.StudyInstanceUID)
         sops.add(ds.SOPInstanceUID)
@@ -381,14 +386,27 @@ def test_monai_reads_the_datalist_and_a_classifier_trains_on_it(loaded, tmp_path
         assert bool((net(x).argmax(1) == y).all())
 
 
-def test_monai_loads_png_and_nifti_as_the_same_array(exports):
-    from monai.transforms import LoadImage
+def test_monai_loads_every_format_as_the_same_array(exports, reference):
+    """LoadImaged + EnsureChannelFirstd give one [1, 128, 128] array for PNG, NPY, NIfTI and DICOM (MONAI's x-first
+    order: [column, row]), and the NIfTI and DICOM affines agree in-plane."""
+    from monai.transforms import Compose, EnsureChannelFirstd, LoadImaged
 
-    row = manifest(exports["png8"])[5]
-    png = np.asarray(LoadImage(image_only=True)(exports["png8"] / row["file"])) / 127.5 - 1
-    nii = np.asarray(LoadImage(image_only=True)(exports["nifti"] / row["file"].replace(".png", ".nii.gz")))
-    assert png.shape == nii.shape == (128, 128)
-    assert np.abs(png - nii).max() <= QUANTIZATION["png8"] + 1e-6
+    load = Compose([LoadImaged("image"), EnsureChannelFirstd("image")])
+    row = manifest(exports["png16"])[5]
+    label, index = int(row["label"]), int(row["seed"]) - int(row["label"]) * SEED_STRIDE
+    ref = reference[(label, index)][0].T  # [column, row]
+    ext = {"png16": ".png", "npy": ".npy", "nifti": ".nii.gz", "dicom": ".dcm"}
+    loaded, affines = {}, {}
+    for variant, suffix in ext.items():
+        image = load({"image": str(exports[variant] / row["file"].replace(".png", suffix))})["image"]
+        x = np.asarray(image, dtype=np.float64)
+        loaded[variant] = x / 32767.5 - 1 if variant == "png16" else x
+        affines[variant] = np.asarray(image.affine)
+    for variant, x in loaded.items():
+        assert x.shape == (1, 128, 128), variant
+        assert np.abs(x[0] - ref).max() <= QUANTIZATION[variant] + 1e-6, variant
+    nifti, dicom = affines["nifti"], affines["dicom"]
+    assert np.allclose(nifti[:2, :2], np.diag([-SPACING_MM, -SPACING_MM])) and np.allclose(dicom[:2], nifti[:2])
 
 
 def test_cli_export_runs_and_refuses(loaded, tmp_path, monkeypatch):

@@ -44,7 +44,7 @@ def mapping_text(fmt: str, png_bits: int) -> str:
     return {
         ("png", 8): "uint8 q = round((x + 1) * 127.5); x = q / 127.5 - 1",
         ("png", 16): "uint16 q = round((x + 1) * 32767.5); x = q / 32767.5 - 1",
-        ("npy", png_bits): "float32 [1, 128, 128], x as generated",
+        ("npy", png_bits): "float32 [128, 128] (x = column, y = row, as MONAI reads PNG/NIfTI/DICOM), x as generated",
         ("nifti", png_bits): "float32 [128, 128] (x = column, y = row), x as generated; affine diag(-s, -s, s, 1)",
         ("dicom", png_bits): "uint16 q = round((x + 1) * 32767.5); x = q * RescaleSlope + RescaleIntercept "
         "(slope 1/32767.5, intercept -1)",
