@@ -322,14 +322,14 @@ def write_dataset(
 def _typed(path: Path, name: str, cells: Sequence[str]) -> np.ndarray:
     """One column of ``slices.csv`` as numpy: int64 (`INT_COLUMNS`, empty = -1), float64 (`FLOAT_COLUMNS`,
     empty = NaN) or text."""
-    text = np.asarray(cells, dtype=str)
-    if name not in INT_COLUMNS and name not in FLOAT_COLUMNS:
-        return text
-    kind, empty = (np.int64, "-1") if name in INT_COLUMNS else (np.float64, "nan")
     try:
-        return np.where(text == "", empty, text).astype(kind) if text.size else np.zeros(0, kind)
+        if name in INT_COLUMNS:
+            return np.fromiter((int(v) if v else -1 for v in cells), np.int64, len(cells))
+        if name in FLOAT_COLUMNS:
+            return np.fromiter((float(v) if v else np.nan for v in cells), np.float64, len(cells))
     except ValueError as e:
         raise ValueError(f"{path}/slices.csv: column {name!r} must hold numbers ({e}); rewrite the dataset") from e
+    return np.asarray(cells, dtype=str)
 
 
 def _read_table(path: Path) -> dict[str, np.ndarray]:
