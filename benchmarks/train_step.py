@@ -36,7 +36,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from medgan.config import Config
 from medgan.data import DeviceFeeder
-from medgan.ingest.store import SliceDataset, write_dataset
+from medgan.dataset import SliceDataset, write_dataset
 from medgan.io import atomic_write_json
 from medgan.models.discriminator import Discriminator
 from medgan.models.generator import Generator

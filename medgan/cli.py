@@ -5,20 +5,28 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
+
+if TYPE_CHECKING:
+    from medgan.dataset import SliceDataset
 
 CONFIG_HELP = "YAML overlay(s) of the form {section: {field: value}}, applied in order."
 SET_HELP = "Override one config field, e.g. --set train.batch_size=64 (repeatable)."
 
 
-def _config(config_files: tuple[str, ...], sets: tuple[str, ...]):
+def _config(config_files: tuple[str, ...], sets: tuple[str, ...], options: dict | None = None):
+    """The resolved, validated config; command `options` (``{"section.field": value}``, None = not given) apply
+    last. A bad file, key or value is one line on stderr and exit code 2, as for a bad option."""
     from medgan.config import ConfigError, load_config
 
+    overrides = {k: v for k, v in (options or {}).items() if v is not None}
     try:
-        return load_config(list(config_files), list(sets))
+        return load_config(list(config_files), list(sets), overrides)
     except ConfigError as e:
-        raise click.UsageError(str(e)) from None
+        click.echo(f"medgan: error: {e}", err=True)
+        sys.exit(2)
 
 
 def _dry_run(cfg) -> None:
@@ -89,9 +97,7 @@ def ingest(folder, manifest, root, out, key_file, workers, strict, config_files,
 
     # pydicom's warnings can quote file names and UIDs: keep them out of the logs.
     logging.getLogger("pydicom").setLevel(logging.ERROR)
-    cfg = _config(config_files, sets)
-    if workers is not None:
-        cfg.ingest.workers = workers
+    cfg = _config(config_files, sets, {"ingest.workers": workers})
     if dry_run:
         return _dry_run(cfg)
     if (manifest is None) == (folder is None):
@@ -108,6 +114,44 @@ def ingest(folder, manifest, root, out, key_file, workers, strict, config_files,
         sys.exit(1)
 
 
+def _describe(ds: SliceDataset) -> str:
+    """A table of slice counts per split x class, plus schema, size, content hash and whether it is synthetic.
+
+    Example:
+        >>> print(_describe(SliceDataset.open("datasets/brain")))
+    """
+    import numpy as np
+
+    from medgan.dataset import SPLITS
+
+    classes = ds.classes
+    labels, splits = ds.labels, ds.splits
+    width = max(8, *(len(c) for c in classes)) if classes else 8
+    meta = ds.meta
+    lines = [
+        f"dataset: {ds.path}",
+        f"schema {meta.get('schema')}, {len(ds)} slices at {meta.get('resolution')}x{meta.get('resolution')}, "
+        f"{len(classes)} classes, synthetic: {str(ds.synthetic).lower()}",
+        f"content hash: {ds.content_hash}",
+    ]
+    norm = meta.get("normalization")
+    if isinstance(norm, dict) and norm.get("used"):
+        lines.append("normalization: " + "; ".join(norm["used"]))
+    if ds.synthetic and meta.get("generator"):
+        lines.append(f"generator: {meta['generator']}")
+    lines.append(f"{'split':<6} " + " ".join(f"{c:>{width}}" for c in classes) + f" {'total':>8}")
+    for split in SPLITS:
+        in_split = labels[splits == split]
+        counts = np.bincount(in_split, minlength=len(classes))
+        lines.append(f"{split:<6} " + " ".join(f"{int(n):>{width}}" for n in counts) + f" {len(in_split):>8}")
+    totals = np.bincount(labels, minlength=len(classes)) if len(labels) else np.zeros(len(classes), int)
+    lines.append(f"{'all':<6} " + " ".join(f"{int(n):>{width}}" for n in totals) + f" {len(labels):>8}")
+    patients = set(ds.column("patient").tolist()) - {""}
+    if patients:
+        lines.append(f"patients (pseudonymous): {len(patients)}")
+    return "\n".join(lines)
+
+
 @main.command()
 @click.argument("dataset", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option(
@@ -119,12 +163,12 @@ def ingest(folder, manifest, root, out, key_file, workers, strict, config_files,
 @click.option("--per-class", type=int, default=8, show_default=True, help="Slices per class on the sheet.")
 def info(dataset, sheet, per_class) -> None:
     """Print a dataset's counts per split and class and write a contact sheet PNG."""
-    from medgan.ingest.sheet import contact_sheet, describe
-    from medgan.ingest.store import SliceDataset
+    from medgan.dataset import SliceDataset
+    from medgan.viz import contact_sheet
 
     try:
         ds = SliceDataset.open(dataset)
-        click.echo(describe(ds))
+        click.echo(_describe(ds))
         path = contact_sheet(ds, sheet or dataset / "contact_sheet.png", per_class=per_class)
     except (ValueError, FileNotFoundError) as e:
         _fail(e)
@@ -179,10 +223,8 @@ def train(data, out, resume, tracking_uri, no_track, config_files, sets, dry_run
 @config_options
 def evaluate(model_ref, data, n_per_class, out, promote, tracking_uri, config_files, sets, dry_run) -> None:
     """Offline quality, utility and privacy metrics of a generator against the real dataset."""
-    cfg = _config(config_files, sets)
+    cfg = _config(config_files, sets, {"eval.n_per_class": n_per_class})
     _tracking_uri(tracking_uri, cfg)
-    if n_per_class is not None:
-        cfg.eval.n_per_class = n_per_class
     if dry_run:
         return _dry_run(cfg)
     from medgan.evaluate import run_evaluate
@@ -208,19 +250,15 @@ def evaluate(model_ref, data, n_per_class, out, promote, tracking_uri, config_fi
 @click.option("--format", "fmt", type=click.Choice(["png", "npy", "nifti", "dicom"]), default=None)
 @click.option("--seed", type=int, default=None)
 @click.option("--classes", default=None, help="Comma-separated class names to export (default: all).")
-@click.option("--force", is_flag=True, help="Replace a non-empty output folder.")
+@click.option(
+    "--force", is_flag=True, help="Replace an earlier medgan export at --out (never a real dataset or other files)."
+)
 @click.option("--tracking-uri", default=None)
 @config_options
 def export(model_ref, out, n_per_class, fmt, seed, classes, force, tracking_uri, config_files, sets, dry_run) -> None:
     """Generate a synthetic dataset (slice-dataset format + images + MONAI datalist) from a generator."""
-    cfg = _config(config_files, sets)
+    cfg = _config(config_files, sets, {"export.n_per_class": n_per_class, "export.format": fmt, "export.seed": seed})
     _tracking_uri(tracking_uri, cfg)
-    if n_per_class is not None:
-        cfg.export.n_per_class = n_per_class
-    if fmt is not None:
-        cfg.export.format = fmt
-    if seed is not None:
-        cfg.export.seed = seed
     if dry_run:
         return _dry_run(cfg)
     from medgan.export import run_export

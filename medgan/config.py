@@ -8,6 +8,7 @@ the valid ones.
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -47,6 +48,9 @@ class IngestConfig:
     # (folder by folder) and each of its series read as a work item of its own; smaller ones are one work item.
     dicom_scan_files: int = 512
 
+    def __post_init__(self) -> None:
+        _check_section("ingest", self)
+
 
 @dataclass
 class ModelConfig:
@@ -57,6 +61,9 @@ class ModelConfig:
     d_reduce_channels: int | None = 32  # 1x1 conv reduction of D's 64x64 features; None ("none") = unreduced
     spectral_norm: bool = True  # spectral norm in D
     embed_dim: int = 128  # class embedding size for conditional batch norm in G
+
+    def __post_init__(self) -> None:
+        _check_section("model", self)
 
 
 @dataclass
@@ -89,6 +96,9 @@ class TrainConfig:
     samples_per_class: int = 8  # fixed-noise samples per class for grids and the mode-collapse watch
     progress: bool = True  # tqdm progress bar on rank 0
 
+    def __post_init__(self) -> None:
+        _check_section("train", self)
+
 
 @dataclass
 class TrackConfig:
@@ -98,6 +108,9 @@ class TrackConfig:
     register: bool = True  # register the EMA generator at the end of training
     enabled: bool = True  # False = null tracker (training still runs)
     system_metrics: bool = True  # CPU/memory/GPU metrics through MLflow when psutil is present
+
+    def __post_init__(self) -> None:
+        _check_section("track", self)
 
 
 @dataclass
@@ -116,6 +129,9 @@ class EvalConfig:
     n_figure_pairs: int = 8  # closest synthetic/train pairs shown in nearest_pairs.png
     classifier_min_steps: int = 200  # small datasets: every classifier trains at least this many steps
 
+    def __post_init__(self) -> None:
+        _check_section("eval", self)
+
 
 @dataclass
 class ExportConfig:
@@ -131,9 +147,14 @@ class ExportConfig:
     device: str = "auto"
     workers: int = 0  # threads encoding and writing files; 0 = min(8, cores)
 
+    def __post_init__(self) -> None:
+        _check_section("export", self)
+
 
 @dataclass
 class Config:
+    """Every stage's settings; built by `load_config`, which validates each value (`validate`)."""
+
     ingest: IngestConfig = field(default_factory=IngestConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -142,8 +163,170 @@ class Config:
     export: ExportConfig = field(default_factory=ExportConfig)
 
 
+_SECTIONS: dict[str, type] = {
+    "ingest": IngestConfig,
+    "model": ModelConfig,
+    "train": TrainConfig,
+    "track": TrackConfig,
+    "eval": EvalConfig,
+    "export": ExportConfig,
+}
+
+
 class ConfigError(ValueError):
     """A config key or value that does not fit the schema; the message lists what would."""
+
+
+# Value rules, one per field that has one: (check, rule as the message states it). Types are checked by `_coerce`.
+Rule = tuple[typing.Callable[[Any], bool], str]
+
+
+def _one_of(*values: Any) -> Rule:
+    return (lambda v: v in values), "must be one of " + ", ".join(str(v) for v in values)
+
+
+def _at_least(lo: float) -> Rule:
+    return (lambda v: v >= lo), f"must be >= {lo}"
+
+
+def _above(lo: float) -> Rule:
+    return (lambda v: v > lo), f"must be > {lo}"
+
+
+def _within(lo: float, hi: float) -> Rule:
+    return (lambda v: lo <= v <= hi), f"must be between {lo} and {hi}"
+
+
+_DEVICE: Rule = (
+    lambda v: v in ("auto", "cpu", "cuda") or bool(re.fullmatch(r"cuda:\d+", v)),
+    "must be one of auto, cpu, cuda, cuda:N",
+)
+_WINDOWS = ("abdomen", "brain", "lung", "bone", "custom", "percentile")
+_WINDOW: Rule = (
+    lambda v: v.lower() in _WINDOWS or bool(re.fullmatch(r"-?\d+(\.\d*)?:\d*\.?\d+", v) and float(v.split(":")[1]) > 0),
+    "must be one of " + ", ".join(_WINDOWS) + " or CENTER:WIDTH in HU with WIDTH > 0 (e.g. 40:400)",
+)
+_BETAS: Rule = (
+    lambda v: len(v) == 2 and all(0 <= b < 1 for b in v),
+    "must be two numbers in [0, 1), e.g. [0.5, 0.999]",
+)
+_PERCENTILES: Rule = (
+    lambda v: len(v) == 2 and 0 <= v[0] < v[1] <= 100,
+    "must be [low, high] with 0 <= low < high <= 100",
+)
+_FRACTIONS: Rule = (
+    lambda v: len(v) == 3 and min(v) >= 0 and sum(v) > 0,
+    "must be 3 non-negative numbers (train, val, test) with a positive sum, e.g. [0.8, 0.1, 0.1]",
+)
+_NONE_OR_POSITIVE: Rule = (lambda v: v is None or v >= 1, "must be >= 1 or none")
+
+RULES: dict[str, Rule] = {
+    "ingest.resolution": _at_least(8),
+    "ingest.slice_axis": _one_of("axial", "coronal", "sagittal"),
+    "ingest.ct_window": _WINDOW,
+    "ingest.window_width_hu": _above(0),
+    "ingest.mr_percentiles": _PERCENTILES,
+    "ingest.foreground_level": _within(-1, 1),
+    "ingest.min_foreground_fraction": _within(0, 1),
+    "ingest.mask_min_area_px": _at_least(0),
+    "ingest.split_fractions": _FRACTIONS,
+    "ingest.min_series_slices": _at_least(1),
+    "ingest.volume_index": _at_least(0),
+    "ingest.dedup_max_distance": _at_least(0),
+    "ingest.workers": _at_least(0),
+    "ingest.image_normalization": _one_of("minmax", "percentile"),
+    "ingest.images_per_part": _at_least(1),
+    "ingest.dicom_scan_files": _at_least(1),
+    "model.z_dim": _at_least(1),
+    "model.width": _at_least(1),
+    "model.g_max_channels": _at_least(1),
+    "model.d_max_channels": _at_least(1),
+    "model.d_reduce_channels": _NONE_OR_POSITIVE,
+    "model.embed_dim": _at_least(1),
+    "train.total_kimg": _above(0),
+    "train.batch_size": _at_least(1),
+    "train.d_steps": _at_least(1),
+    "train.lr_g": _above(0),
+    "train.lr_d": _above(0),
+    "train.betas": _BETAS,
+    "train.loss": _one_of("nsgan", "hinge"),
+    "train.label_smoothing": (lambda v: 0 <= v < 1, "must be in [0, 1)"),
+    "train.r1_gamma": _at_least(0),
+    "train.r1_interval": _at_least(1),
+    "train.augment": _one_of("diffaug", "ada", "none"),
+    "train.ada_target": _within(0, 1),
+    "train.ada_kimg": _above(0),
+    "train.ema_kimg": _at_least(0),
+    "train.log_every_kimg": _above(0),
+    "train.sample_every_kimg": _above(0),
+    "train.ckpt_every_kimg": _above(0),
+    "train.precision": _one_of("auto", "bf16", "fp32"),
+    "train.compile": _one_of("auto", "true", "false"),
+    "train.device": _DEVICE,
+    "train.ema_rampup": _at_least(0),
+    "train.ada_interval": _at_least(1),
+    "train.health_patience": _at_least(1),
+    "train.samples_per_class": _at_least(1),
+    "eval.n_per_class": _at_least(1),
+    "eval.feature_epochs": _at_least(1),
+    "eval.classifier_epochs": _at_least(1),
+    "eval.near_copy_ratio": _above(0),
+    "eval.gate_max_near_copy_fraction": _within(0, 1),
+    "eval.diversity_pairs": _at_least(1),
+    "eval.kid_subsets": _at_least(1),
+    "eval.n_figure_pairs": _at_least(0),
+    "eval.classifier_min_steps": _at_least(0),
+    "export.format": _one_of("png", "npy", "nifti", "dicom"),
+    "export.n_per_class": _at_least(1),
+    "export.batch_size": _at_least(1),
+    "export.png_bits": _one_of(8, 16),
+    "export.split": _one_of("train", "val", "test"),
+    "export.spacing_mm": _at_least(0),
+    "export.device": _DEVICE,
+    "export.workers": _at_least(0),
+}
+
+
+def check_value(key: str, value: Any) -> None:
+    """Check one ``section.field`` value against its rule in `RULES`.
+
+    Raises:
+        ConfigError: one line naming the field, the value, the rule and the default, e.g.
+            ``train.batch_size=0: must be >= 1 (default 32)``.
+    """
+    rule = RULES.get(key)
+    if rule is None:
+        return
+    check, text = rule
+    try:
+        ok = bool(check(value))
+    except (TypeError, ValueError, IndexError):
+        ok = False
+    if not ok:
+        section, name = key.split(".")
+        default = getattr(_SECTIONS[section](), name)
+        raise ConfigError(f"{key}={value!r}: {text} (default {default!r})")
+
+
+def _check_section(section: str, obj: Any) -> None:
+    for f in dataclasses.fields(obj):
+        check_value(f"{section}.{f.name}", getattr(obj, f.name))
+
+
+def validate(cfg: Config) -> Config:
+    """Check every field of `cfg` against `RULES` (the one place config values are validated) and return it.
+
+    Raises:
+        ConfigError: the first field that breaks its rule, in one line (see `check_value`).
+
+    Example:
+        >>> validate(load_config(sets=["train.batch_size=0"]))
+        Traceback (most recent call last):
+        ConfigError: train.batch_size=0: must be >= 1 (default 32)
+    """
+    for f in dataclasses.fields(cfg):
+        _check_section(f.name, getattr(cfg, f.name))
+    return cfg
 
 
 def _coerce(value: Any, tp: Any, key: str) -> Any:
@@ -159,14 +342,14 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if origin is list:
         (item,) = typing.get_args(tp)
         if isinstance(value, str):
-            value = yaml.safe_load(value) if value.strip().startswith("[") else [v for v in value.split(",") if v]
+            value = _yaml(value, key) if value.strip().startswith("[") else [v for v in value.split(",") if v]
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{key}: expected a list, got {value!r}")
         return [_coerce(v, item, key) for v in value]
     if origin is dict:
         kt, vt = typing.get_args(tp)
         if isinstance(value, str):
-            value = yaml.safe_load(value)
+            value = _yaml(value, key)
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a mapping, got {value!r}")
         return {_coerce(k, kt, key): _coerce(v, vt, key) for k, v in value.items()}
@@ -227,8 +410,15 @@ def overlay(cfg: Config, data: dict[str, Any], source: str = "overlay") -> Confi
     return cfg
 
 
-def load_config(paths: list[str | Path] | None = None, sets: list[str] | None = None) -> Config:
-    """Resolve a Config: recipe defaults, then each YAML overlay in order, then ``key=value`` overrides.
+def load_config(
+    paths: list[str | Path] | None = None, sets: list[str] | None = None, overrides: dict[str, Any] | None = None
+) -> Config:
+    """Resolve a Config: recipe defaults, then each YAML overlay in order, then ``key=value`` sets, then
+    `overrides` (``{"section.field": value}``, e.g. from command options); every value is then validated.
+
+    Raises:
+        ConfigError: a missing file, invalid YAML (file, line and column), an unknown key or a value that breaks
+            its rule (`RULES`), in one line.
 
     Example:
         >>> cfg = load_config(["configs/train/cpu_smoke.yaml"], ["train.batch_size=64"])
@@ -240,13 +430,40 @@ def load_config(paths: list[str | Path] | None = None, sets: list[str] | None = 
         p = Path(p)
         if not p.is_file():
             raise ConfigError(f"config file {p} not found")
-        overlay(cfg, yaml.safe_load(p.read_text()) or {}, source=str(p))
+        overlay(cfg, _yaml(p.read_text(), str(p), file=True) or {}, source=str(p))
     for s in sets or []:
         if "=" not in s:
             raise ConfigError(f"--set {s!r}: expected KEY=VALUE, e.g. train.batch_size=64")
-        k, v = s.split("=", 1)
-        set_value(cfg, k.strip(), yaml.safe_load(v) if v.strip() else "")
-    return cfg
+        k, v = (part.strip() for part in s.split("=", 1))
+        # Text fields take the text as typed: YAML would read 40:400 as a base-60 number and "no" as false.
+        text_field = _field_type(k) is str
+        set_value(cfg, k, v if text_field or not v else _yaml(v, f"--set {s!r}"))
+    for key, value in (overrides or {}).items():
+        set_value(cfg, key, value)
+    return validate(cfg)
+
+
+def _field_type(dotted: str) -> Any:
+    section, _, name = dotted.partition(".")
+    return _hints(_SECTIONS[section]).get(name) if section in _SECTIONS else None
+
+
+def _yaml(text: str, source: str, *, file: bool = False) -> Any:
+    """Parse YAML text; a syntax error becomes one line naming `source`, the line (of a `file`) and the column."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark, context = getattr(e, "problem_mark", None), getattr(e, "context_mark", None)
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        if mark is None:
+            where = source
+        elif file:  # editors' FILE:LINE:COLUMN
+            where = f"{source}:{mark.line + 1}:{mark.column + 1}"
+        else:
+            where = f"{source} (column {mark.column + 1})"
+        if context is not None and getattr(e, "context", None):
+            problem += f", {e.context} at {context.line + 1}:{context.column + 1}"
+        raise ConfigError(f"{where}: not valid YAML ({problem}); fix the syntax there") from None
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
@@ -255,7 +472,8 @@ def to_dict(cfg: Any) -> dict[str, Any]:
 
 
 def from_dict(data: dict[str, Any]) -> Config:
-    """Rebuild a Config from `to_dict` output (e.g. a checkpoint's resolved config)."""
+    """Rebuild a Config from `to_dict` output (e.g. a checkpoint's resolved config). Its values are not checked
+    against today's `RULES`: a saved config was checked when it was built, and an old artifact stays readable."""
     return overlay(Config(), data, source="saved config")
 
 

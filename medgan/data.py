@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from medgan.ingest.store import SliceDataset
+from medgan.dataset import SliceDataset
 
 _MIX = 0x9E3779B97F4A7C15  # golden-ratio constant to spread seeds
 

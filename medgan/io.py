@@ -180,3 +180,34 @@ def sha256_array(array: np.ndarray, h: Any | None = None, chunk_rows: int = 4096
     for i in range(0, len(array), chunk_rows):
         h.update(memoryview(np.ascontiguousarray(array[i : i + chunk_rows])).cast("B"))  # no bytes copy
     return h
+
+
+def write_all(f: Any, data: bytes | memoryview) -> None:
+    """Write all of `data` to an unbuffered file (a raw write may take only part of it)."""
+    view = memoryview(data).cast("B")
+    while view:
+        view = view[f.write(view) :]
+
+
+def append_file(f: Any, path: str | os.PathLike, offset: int, size: int) -> None:
+    """Append `size` bytes of `path` from `offset` to the unbuffered file `f`: copy_file_range where the kernel has it
+    (no copy through Python), else reads and writes.
+
+    Raises:
+        ValueError: `path` holds fewer than ``offset + size`` bytes (a damaged file), naming it.
+    """
+    with open(path, "rb", buffering=0) as src:
+        left = size
+        try:
+            while left:
+                n = os.copy_file_range(src.fileno(), f.fileno(), left, offset + size - left)
+                if n == 0:
+                    break
+                left -= n
+        except (AttributeError, OSError):  # not Linux, or a file system that refuses it: plain copy
+            src.seek(offset + size - left)
+            while left and (block := src.read(min(left, 1 << 22))):
+                write_all(f, block)
+                left -= len(block)
+    if left:
+        raise ValueError(f"{path}: {left} of {size} image bytes missing (a damaged part)")

@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import io
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from medgan.dataset import SliceDataset
 
 
 def to_uint8(images: np.ndarray) -> np.ndarray:
@@ -46,6 +50,37 @@ def save_png(image: np.ndarray, path: str | Path) -> Path:
     from medgan.io import atomic_write_bytes
 
     return atomic_write_bytes(path, png_bytes(image))
+
+
+def contact_sheet(ds: SliceDataset, path: str | Path, per_class: int = 8) -> Path:
+    """Write a PNG grid with one row per class (in class order) of up to `per_class` slices spread evenly over it.
+
+    Rows of classes with fewer slices are padded with black tiles; a class with none is a black row.
+
+    Args:
+        ds: an opened slice dataset.
+        path: the PNG to write.
+        per_class: slices per row (>= 1).
+
+    Returns:
+        The path written.
+
+    Raises:
+        ValueError: `per_class` < 1 or the dataset has no classes.
+    """
+    if per_class < 1:
+        raise ValueError(f"per_class must be >= 1, got {per_class}")
+    if not ds.classes:
+        raise ValueError(f"{ds.path} has no classes to show")
+    res = int(ds.images.shape[-1]) if len(ds) else int(ds.meta.get("resolution", 128))
+    labels = ds.labels
+    tiles = np.full((len(ds.classes) * per_class, 1, res, res), -1.0, dtype=np.float32)
+    for c in range(len(ds.classes)):
+        idx = np.flatnonzero(labels == c)
+        if len(idx):
+            pick = idx[np.unique(np.linspace(0, len(idx) - 1, min(per_class, len(idx))).round().astype(int))]
+            tiles[c * per_class : c * per_class + len(pick)] = ds.images[np.sort(pick)]
+    return save_png(image_grid(tiles, ncol=per_class), path)
 
 
 def health_figure(history: list[dict[str, float]], path: str | Path) -> Path:

@@ -15,10 +15,10 @@ import pytest
 import torch
 
 from medgan.config import Config, ModelConfig
+from medgan.dataset import SliceDataset
 from medgan.export import SEED_STRIDE, export_dataset, image_seed, read_image
 from medgan.export.dicom import PATIENT_ID, PATIENT_NAME, SC_IMAGE_STORAGE, SYNTHETIC_MARKER, check_dicom
 from medgan.export.formats import QUANTIZATION
-from medgan.ingest.store import SliceDataset
 from medgan.models.generator import CondBatchNorm, Generator, LoadedGenerator, generate
 
 SPACING_MM = 1.5
@@ -104,7 +104,7 @@ def independent_read(path: Path) -> np.ndarray:
             mode, q = im.mode, np.asarray(im).astype(np.float64)
         return q / 127.5 - 1 if mode == "L" else q / 32767.5 - 1
     if name.endswith(".npy"):
-        return np.load(path)[0]
+        return np.load(path).T  # stored x first: [column, row]
     if name.endswith(".nii.gz"):
         import nibabel as nib
 
@@ -167,6 +167,11 @@ def test_dicom_files_are_valid_synthetic_and_free_of_real_identifiers(exports):
         assert ds.PatientBirthDate == "" and ds.StudyDate == ""
         assert (ds.BitsAllocated, ds.BitsStored, ds.PixelRepresentation, ds.Rows, ds.Columns) == (16, 16, 0, 128, 128)
         assert [float(v) for v in ds.PixelSpacing] == [SPACING_MM, SPACING_MM]
+        assert [float(v) for v in ds.ImageOrientationPatient] == [1, 0, 0, 0, 1, 0] and list(ds.PatientOrientation) == [
+            "L",
+            "P",
+        ]
+        assert [float(v) for v in ds.ImagePositionPatient] == [0, 0, 0] and ds.Laterality == ""
         series.setdefault(path.parent.name, set()).add(ds.SeriesInstanceUID)
         studies.add(ds.StudyInstanceUID)
         sops.add(ds.SOPInstanceUID)
@@ -221,17 +226,75 @@ def test_same_model_and_seed_give_identical_files(loaded, exports, tmp_path):
 
 def test_refuses_non_empty_output_without_force(loaded, tmp_path):
     out = tmp_path / "synthetic"
-    out.mkdir()
-    (out / "keep.txt").write_text("mine")
+    export_dataset(loaded, make_cfg("npy", n=1), out, progress=False)
     with pytest.raises(FileExistsError, match="--force"):
-        export_dataset(loaded, make_cfg("npy", n=1), out, progress=False)
-    assert (out / "keep.txt").read_text() == "mine"
-    res = export_dataset(loaded, make_cfg("npy", n=1), out, force=True, progress=False)
-    assert not (out / "keep.txt").exists() and res.n_images == 2 and (out / "dataset.json").is_file()
+        export_dataset(loaded, make_cfg("npy", n=2), out, progress=False)
+    assert len(manifest(out)) == 2
+    res = export_dataset(loaded, make_cfg("npy", n=2), out, force=True, progress=False)  # an earlier export: replaced
+    assert res.n_images == 4 and len(manifest(out)) == 4 and SliceDataset.open(out).synthetic
     assert not out.with_name("synthetic.partial").exists()
     (tmp_path / "a_file").write_text("x")
     with pytest.raises(FileExistsError, match="is a file"):
         export_dataset(loaded, make_cfg("npy", n=1), tmp_path / "a_file", force=True, progress=False)
+
+
+def _tree(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_force_never_deletes_what_medgan_export_did_not_write(loaded, tmp_path):
+    """--force replaces an earlier export only: an unrelated file, a real dataset, or an export someone added a file
+    to are refused with the reason, and every byte stays where it was."""
+    from medgan.dataset import write_dataset
+
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("my notes")
+    real = tmp_path / "real"
+    rows = [{"split": "train", "label": i % 2, "patient": "p-1", "volume": "p-2", "slice_index": i,
+             "position_mm": 0.0, "spacing_mm": 1.0, "modality": "CT", "seed": ""} for i in range(4)]  # fmt: skip
+    write_dataset(real, np.zeros((4, 1, 128, 128), np.float16), rows, ["a", "b"])
+    added = tmp_path / "added"
+    export_dataset(loaded, make_cfg("png", n=1), added, progress=False)
+    (added / "images" / "a" / "extra.png").write_bytes(b"not from medgan")
+    renamed = tmp_path / "renamed"
+    export_dataset(loaded, make_cfg("png", n=1), renamed, progress=False)
+    (renamed / "labels.csv").write_text("a user's table")
+    reasons = {
+        mine: "no readable dataset.json",
+        real: r"real dataset \(dataset.json says synthetic: false\); medgan never replaces one",
+        added: r"files medgan export did not write: \['images/a/extra.png'\]",
+        renamed: r"files medgan export did not write: \['labels.csv'\]",
+    }
+    for out, why in reasons.items():
+        before = _tree(out)
+        with pytest.raises(FileExistsError, match=f"--force replaces only an earlier medgan export, and .*{why}"):
+            export_dataset(loaded, make_cfg("npy", n=1), out, force=True, progress=False)
+        assert _tree(out) == before and not out.with_name(out.name + ".partial").exists()
+    assert SliceDataset.open(real).synthetic is False and len(SliceDataset.open(real)) == 4
+    # A folder left at <out>.partial that holds other files is not removed either.
+    odd = tmp_path / "new.partial"
+    odd.mkdir()
+    (odd / "thesis.tex").write_text("draft")
+    with pytest.raises(FileExistsError, match=r"new.partial holds files medgan export did not write"):
+        export_dataset(loaded, make_cfg("npy", n=1), tmp_path / "new", progress=False)
+    assert (odd / "thesis.tex").read_text() == "draft"
+
+
+def test_the_cli_refuses_force_over_a_real_dataset(tmp_path):
+    from click.testing import CliRunner
+
+    from medgan.cli import main
+    from medgan.dataset import write_dataset
+
+    real = tmp_path / "real"
+    rows = [{"split": "train", "label": 0, "patient": "p-1", "volume": "p-2", "slice_index": 0, "position_mm": 0.0,
+             "spacing_mm": 1.0, "modality": "CT", "seed": ""}]  # fmt: skip
+    write_dataset(real, np.zeros((1, 1, 128, 128), np.float16), rows, ["a"])
+    before = _tree(real)
+    res = CliRunner().invoke(main, ["export", "--model", str(tmp_path / "missing.pt"), "--out", str(real), "--force"])
+    assert res.exit_code == 1 and _tree(real) == before
+    assert "real dataset (dataset.json says synthetic: false); medgan never replaces one" in res.output
 
 
 def test_interrupted_export_leaves_the_old_folder_and_no_partial(loaded, tmp_path, monkeypatch):
@@ -275,7 +338,7 @@ def test_export_is_a_synthetic_slice_dataset(exports):
     assert ds.images.shape == (2 * N_PER_CLASS, 1, 128, 128) and ds.images.dtype == np.float16
     assert list(ds.labels) == [0] * N_PER_CLASS + [1] * N_PER_CLASS
     assert len(ds.indices("train")) == len(ds) and len(ds.indices("test")) == 0
-    assert ds.column("seed") == [r["seed"] for r in manifest(exports["png8"])]
+    assert ds.column("seed").tolist() == [int(r["seed"]) for r in manifest(exports["png8"])]
     assert set(ds.column("patient")) == {""} and set(ds.column("volume")) == {"synthetic"}
     gen, ex = ds.meta["generator"], ds.meta["export"]
     assert (gen["model_uri"], gen["version"], gen["run_id"]) == ("models:/medgan-demo/3", "3", "0123abcd")
@@ -323,14 +386,27 @@ def test_monai_reads_the_datalist_and_a_classifier_trains_on_it(loaded, tmp_path
         assert bool((net(x).argmax(1) == y).all())
 
 
-def test_monai_loads_png_and_nifti_as_the_same_array(exports):
-    from monai.transforms import LoadImage
+def test_monai_loads_every_format_as_the_same_array(exports, reference):
+    """LoadImaged + EnsureChannelFirstd give one [1, 128, 128] array for PNG, NPY, NIfTI and DICOM (MONAI's x-first
+    order: [column, row]), and the NIfTI and DICOM affines agree in-plane."""
+    from monai.transforms import Compose, EnsureChannelFirstd, LoadImaged
 
-    row = manifest(exports["png8"])[5]
-    png = np.asarray(LoadImage(image_only=True)(exports["png8"] / row["file"])) / 127.5 - 1
-    nii = np.asarray(LoadImage(image_only=True)(exports["nifti"] / row["file"].replace(".png", ".nii.gz")))
-    assert png.shape == nii.shape == (128, 128)
-    assert np.abs(png - nii).max() <= QUANTIZATION["png8"] + 1e-6
+    load = Compose([LoadImaged("image"), EnsureChannelFirstd("image")])
+    row = manifest(exports["png16"])[5]
+    label, index = int(row["label"]), int(row["seed"]) - int(row["label"]) * SEED_STRIDE
+    ref = reference[(label, index)][0].T  # [column, row]
+    ext = {"png16": ".png", "npy": ".npy", "nifti": ".nii.gz", "dicom": ".dcm"}
+    loaded, affines = {}, {}
+    for variant, suffix in ext.items():
+        image = load({"image": str(exports[variant] / row["file"].replace(".png", suffix))})["image"]
+        x = np.asarray(image, dtype=np.float64)
+        loaded[variant] = x / 32767.5 - 1 if variant == "png16" else x
+        affines[variant] = np.asarray(image.affine)
+    for variant, x in loaded.items():
+        assert x.shape == (1, 128, 128), variant
+        assert np.abs(x[0] - ref).max() <= QUANTIZATION[variant] + 1e-6, variant
+    nifti, dicom = affines["nifti"], affines["dicom"]
+    assert np.allclose(nifti[:2, :2], np.diag([-SPACING_MM, -SPACING_MM])) and np.allclose(dicom[:2], nifti[:2])
 
 
 def test_cli_export_runs_and_refuses(loaded, tmp_path, monkeypatch):

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from medgan.ingest.store import SliceDataset
+from medgan.dataset import SliceDataset
 from tests.conftest import ROOT, require
 
 MEDGAN = str(Path(sys.executable).with_name("medgan"))

@@ -14,7 +14,7 @@ import torch
 
 from medgan import tracking
 from medgan.config import Config
-from medgan.ingest.store import SliceDataset, write_dataset
+from medgan.dataset import SliceDataset, write_dataset
 from medgan.models.generator import Generator, generate
 
 CLASSES = ["glioma", "notumor"]

@@ -28,7 +28,7 @@ from medgan.evaluate.gates import EvalResult, GateResult, check_gates
 from medgan.evaluate.report import pairs_figure, sample_figure, write_report
 
 if TYPE_CHECKING:
-    from medgan.ingest.store import SliceDataset
+    from medgan.dataset import SliceDataset
 
 PIXEL_SIDE = 64  # memorization pixel space: 128 px slices area-averaged to 64 px (4096-d), robust to pixel noise
 SEED_STRIDE = 1_000_003  # synthetic image i of class c uses seed eval.seed * SEED_STRIDE + c * n_per_class + i
@@ -293,7 +293,7 @@ def evaluate_generator(
 
 
 def _exported(ref: str) -> SliceDataset | None:
-    from medgan.ingest.store import SliceDataset
+    from medgan.dataset import SliceDataset
 
     path = Path(ref)
     if not (path / "dataset.json").is_file():
@@ -346,7 +346,7 @@ def run_evaluate(
         >>> r = run_evaluate(load_config(), "models:/medgan-brain@candidate", Path("datasets/brain"), promote=True)
         >>> print(r.summary())
     """
-    from medgan.ingest.store import SliceDataset
+    from medgan.dataset import SliceDataset
 
     dataset = SliceDataset.open(data)
     if dataset.synthetic:

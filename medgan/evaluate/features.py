@@ -30,8 +30,8 @@ from torch.nn import functional as F
 
 from medgan.io import atomic_write_bytes
 
-if TYPE_CHECKING:  # importing medgan.ingest runs the ingest package; evaluation needs only the reader
-    from medgan.ingest.store import SliceDataset
+if TYPE_CHECKING:
+    from medgan.dataset import SliceDataset
 
 ARCH = "medgan.domain-cnn/3"  # bump when the architecture changes: old caches then miss instead of loading wrongly
 FEATURE_DIM = 128

@@ -102,14 +102,14 @@ def run_export(
         model_ref: ``models:/NAME@ALIAS``, ``models:/NAME/VERSION``, ``runs:/RUN_ID``, a run id or a checkpoint file.
         out: the folder to create.
         classes: class names to export (default: all the model's classes).
-        force: replace a non-empty `out`.
+        force: replace an earlier medgan export at `out` (nothing else: see `export_dataset`).
 
     Returns:
         The `ExportResult`.
 
     Raises:
         ValueError: a bad option, or a class the model does not know (the message lists the valid ones).
-        FileExistsError: `out` is not empty and `force` is false.
+        FileExistsError: `out` is not empty and `force` is false, or `out` is not an earlier medgan export.
 
     Example:
         >>> result = run_export(load_config(), "models:/medgan-demo@champion", Path("synthetic/demo"))
@@ -117,13 +117,14 @@ def run_export(
     """
     from medgan.tracking import load_generator
 
+    _check_out(Path(out), force)  # before loading a model: a refused --out costs nothing
     loaded = load_generator(model_ref, cfg.track.tracking_uri)
     loaded.info.setdefault("model_ref", model_ref)
     return export_dataset(loaded, cfg, Path(out), classes=classes, force=force, progress=True)
 
 
 def _check_options(cfg: Config) -> None:
-    from medgan.ingest.store import SPLITS
+    from medgan.dataset import SPLITS
 
     e = cfg.export
     if e.format not in FORMATS:
@@ -151,11 +152,58 @@ def _select_classes(all_classes: list[str], classes: list[str] | None) -> list[i
     return [all_classes.index(c) for c in wanted]
 
 
+# What an export folder holds at its top level (contact_sheet.png: `medgan info`); `_not_ours` checks the rest.
+EXPORT_ENTRIES = frozenset(
+    {"dataset.json", "slices.npy", "slices.csv", "report.csv", "images", "datalist.json", "manifest.csv", "README.md",
+     "contact_sheet.png"}
+)  # fmt: skip
+STAGING = ".slices-staging.npy"
+
+
+def _not_ours(out: Path) -> str | None:
+    """Why the folder `out` is not an export that medgan wrote (so ``--force`` must not replace it), or None."""
+    from medgan.export import manifests
+    from medgan.io import read_json
+
+    try:
+        meta = read_json(out / "dataset.json")
+    except (OSError, ValueError):
+        return "it has no readable dataset.json, so it was not written by medgan export"
+    if meta.get("synthetic") is not True:
+        return "it holds a real dataset (dataset.json says synthetic: false); medgan never replaces one"
+    if not isinstance(meta.get("export"), dict):
+        return "its dataset.json was not written by medgan export"
+    listed = {row.get("file", "") for row in manifests.read_manifest(out / "manifest.csv")}
+    found = [p.name for p in out.iterdir() if p.name not in EXPORT_ENTRIES]
+    found += [str(p.relative_to(out)) for p in (out / "images").rglob("*")
+              if not p.is_dir() and str(p.relative_to(out)) not in listed]  # fmt: skip
+    if found:
+        return f"it holds files medgan export did not write: {sorted(found)[:5]}{' ...' if len(found) > 5 else ''}"
+    return None
+
+
 def _check_out(out: Path, force: bool) -> None:
+    """Refuse an `out` that is a file, or not empty without `force`, or (with `force`) not an export medgan wrote.
+
+    Raises:
+        FileExistsError: naming `out`, why, and what to do instead.
+    """
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"--out {out} is a file; choose a folder path")
-    if out.is_dir() and any(out.iterdir()) and not force:
-        raise FileExistsError(f"--out {out} is not empty; pass --force to replace it, or choose another --out")
+    if out.is_dir() and any(out.iterdir()):
+        if not force:
+            raise FileExistsError(
+                f"--out {out} is not empty; pass --force to replace an earlier medgan export there, or choose another"
+                " --out"
+            )
+        if why := _not_ours(out):
+            raise FileExistsError(f"--out {out}: --force replaces only an earlier medgan export, and {why}; "
+                                  "choose another --out")  # fmt: skip
+    partial = out.with_name(out.name + ".partial")
+    stray = [p.name for p in partial.iterdir() if p.name not in EXPORT_ENTRIES | {STAGING}
+             and not p.name.endswith(".tmp")] if partial.is_dir() else []  # fmt: skip
+    if stray:
+        raise FileExistsError(f"{partial} holds files medgan export did not write ({sorted(stray)[:5]}); move it away")
 
 
 def _device(name: str) -> str:
@@ -210,7 +258,9 @@ def export_dataset(
             spacing_mm, device, workers).
         out: the folder to create; built in ``<out>.partial`` and renamed when complete.
         classes: class names to export (default: all); labels keep the model's indices.
-        force: replace a non-empty `out`.
+        force: replace a non-empty `out`, but only an earlier medgan export: a folder whose ``dataset.json`` says
+            ``synthetic: true`` with export details, holding only the files an export writes (its ``manifest.csv``
+            lists every image). A real dataset, or any file medgan did not write, is refused and left as it is.
         progress: show a tqdm bar.
 
     Returns:
@@ -218,7 +268,7 @@ def export_dataset(
 
     Raises:
         ValueError: a bad option or unknown class (the message lists the valid values).
-        FileExistsError: `out` is not empty and `force` is false.
+        FileExistsError: `out` is not empty and `force` is false, or `out` is not an earlier medgan export.
 
     Example:
         >>> loaded = medgan.train.checkpoint.load_generator("runs/x/ckpt-000120.pt")
@@ -228,8 +278,8 @@ def export_dataset(
     import torch
     from tqdm import tqdm
 
+    from medgan.dataset import write_dataset
     from medgan.export import dicom, manifests
-    from medgan.ingest.store import write_dataset
     from medgan.models.generator import generate
 
     t0 = time.perf_counter()
@@ -271,7 +321,7 @@ def export_dataset(
             data = encode(e.format, image, png_bits=e.png_bits, spacing_mm=spacing_mm)
         path.write_bytes(data)  # plain write: the whole folder becomes visible atomically
 
-    # A stale partial from an interrupted export is not resumable (the plan may differ): start clean.
+    # A stale partial from an interrupted export (checked by `_check_out`) is not resumable: start clean.
     shutil.rmtree(out.with_name(out.name + ".partial"), ignore_errors=True)
     G = loaded.G if device == "cpu" else copy.deepcopy(loaded.G).to(device)
     # cuDNN: no autotuning and deterministic kernels, so a rerun on the same GPU gives the same bits.
@@ -282,7 +332,7 @@ def export_dataset(
         for c in labels_wanted:
             (tmp / "images" / folders[c]).mkdir(parents=True, exist_ok=True)
         # Float16 staging for the slice dataset: streams through disk, so n is bounded by disk, not RAM.
-        staging = tmp / ".slices-staging.npy"
+        staging = tmp / STAGING
         stage = np.lib.format.open_memmap(staging, mode="w+", dtype=np.float16, shape=(n, 1, RESOLUTION, RESOLUTION))
         bar = tqdm(total=n, desc=f"export {e.format}", unit="img", disable=not progress)
         with (
@@ -353,13 +403,9 @@ def export_dataset(
             # The export's resolved config, with the model section the generator was actually built from.
             "config": {**to_dict(cfg), "model": to_dict(loaded.model_cfg)},
         }
-        # write_dataset builds its own <name>.partial and renames it: let it do so inside ours, then move the files up.
-        inner = tmp / ".dataset"
-        ds_meta = write_dataset(inner, stage, rows, loaded.classes, meta=meta)
+        # Our folder is already atomic: the dataset's files go straight into it.
+        ds_meta = write_dataset(tmp, stage, rows, loaded.classes, meta=meta, atomic=False)
         del stage
-        for f in inner.iterdir():
-            os.replace(f, tmp / f.name)
-        inner.rmdir()
         staging.unlink()
 
         labels_list, seeds_list = plan_labels.tolist(), plan_seeds.tolist()

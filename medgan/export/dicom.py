@@ -15,8 +15,10 @@ What every file carries:
   birth date, sex, dates and physician (type 2, empty): nothing comes from a real patient or from the clock;
 - MONOCHROME2, 16 bits unsigned, RescaleSlope ``1/32767.5``, RescaleIntercept ``-1``, RescaleType ``US``:
   ``stored * slope + intercept`` gives the [-1, 1] values within half a 16-bit step; WindowCenter 0 / WindowWidth 2;
-- PixelSpacing from the training data (else 1 mm) and PatientOrientation ``L\\P`` (columns toward the patient's left,
-  rows toward posterior, as the NIfTI affine of `medgan.export.formats`);
+- PixelSpacing from the training data (else 1 mm), PatientOrientation ``L\\P`` (columns toward the patient's left,
+  rows toward posterior, as the NIfTI affine of `medgan.export.formats`) and the same geometry as MONAI reads it:
+  ImageOrientationPatient ``1\\0\\0\\0\\1\\0``, ImagePositionPatient ``0\\0\\0`` in one FrameOfReferenceUID per
+  series; Laterality present and empty (no paired organ is imaged);
 - a file meta header (preamble, ``DICM``, Explicit VR Little Endian).
 
 `check_dicom` re-reads a file and checks the attributes the SC Image IOD requires, for when no dciodvfy is at hand.
@@ -45,10 +47,12 @@ _TYPE1 = (
     "SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID", "Modality", "ConversionType",
     "SamplesPerPixel", "PhotometricInterpretation", "Rows", "Columns", "BitsAllocated", "BitsStored", "HighBit",
     "PixelRepresentation", "PixelData", "RescaleIntercept", "RescaleSlope", "RescaleType",
+    # The geometry MONAI's reader builds an affine from (Image Plane attributes, beyond the SC IOD).
+    "PixelSpacing", "ImageOrientationPatient", "ImagePositionPatient", "FrameOfReferenceUID",
 )  # fmt: skip
 _TYPE2 = (
     "PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime", "ReferringPhysicianName",
-    "StudyID", "AccessionNumber", "SeriesNumber", "InstanceNumber", "PatientOrientation",
+    "StudyID", "AccessionNumber", "SeriesNumber", "InstanceNumber", "PatientOrientation", "Laterality",
 )  # fmt: skip
 
 
@@ -62,13 +66,14 @@ class Series:
     label: int
     model_uri: str = ""
     spacing_mm: float = 1.0
+    frame_uid: str = ""  # FrameOfReferenceUID ("" = the series UID)
 
 
 def new_series(study_uid: str, class_name: str, label: int, model_uri: str, spacing_mm: float) -> Series:
-    """A series for one class of an export, with a fresh SeriesInstanceUID."""
+    """A series for one class of an export, with a fresh SeriesInstanceUID and FrameOfReferenceUID."""
     from pydicom.uid import generate_uid
 
-    return Series(study_uid, generate_uid(), class_name, label, model_uri, float(spacing_mm))
+    return Series(study_uid, generate_uid(), class_name, label, model_uri, float(spacing_mm), generate_uid())
 
 
 def _ds(value: float) -> str:
@@ -129,6 +134,12 @@ def dicom_bytes(image: np.ndarray, series: Series, instance_number: int, seed: i
     # Image.
     ds.InstanceNumber = instance_number
     ds.PatientOrientation = ["L", "P"]
+    # Geometry (Image Plane attributes): what MONAI's DICOM reader builds the affine from, equal to the NIfTI export's.
+    ds.FrameOfReferenceUID = series.frame_uid or series.series_uid
+    ds.PositionReferenceIndicator = ""
+    ds.ImageOrientationPatient = ["1", "0", "0", "0", "1", "0"]
+    ds.ImagePositionPatient = ["0", "0", "0"]
+    ds.Laterality = ""  # type 2C in General Series: present, empty (a generated slice images no paired organ)
     ds.ImageType = ["DERIVED", "SECONDARY"]
     ds.BurnedInAnnotation = "NO"
     ds.LossyImageCompression = "00"
@@ -198,6 +209,10 @@ def check_dicom(path: str | Path) -> list[str]:
         0,
     ):
         problems.append("pixels are not 16-bit unsigned")
+    if [float(v) for v in ds.get("ImageOrientationPatient") or []] != [1, 0, 0, 0, 1, 0]:
+        problems.append(
+            f"ImageOrientationPatient {ds.get('ImageOrientationPatient')}, expected 1\\0\\0\\0\\1\\0 (as L\\P)"
+        )
     if ds.get("PhotometricInterpretation") != "MONOCHROME2" or ds.get("SamplesPerPixel") != 1:
         problems.append("pixels are not MONOCHROME2 with one sample")
     elif "PixelData" in ds and len(ds.PixelData) != int(ds.Rows) * int(ds.Columns) * 2:

@@ -4,7 +4,8 @@ Intensity mappings (all linear, documented in every export's README and ``datase
 
 - ``png`` 8-bit: ``q = round((x + 1) * 127.5)`` in 0..255, back ``x = q / 127.5 - 1`` (error <= 0.5 / 127.5).
 - ``png`` 16-bit: ``q = round((x + 1) * 32767.5)`` in 0..65535, back ``x = q / 32767.5 - 1`` (error <= 0.5 / 32767.5).
-- ``npy``: float32 [1, 128, 128] in [-1, 1], exact.
+- ``npy``: 2-D float32 [128, 128] in [-1, 1], exact; element [i, j] = pixel (row j, column i), the x-first order in
+  which MONAI's readers give PNG, NIfTI and DICOM, so ``LoadImage`` gives the same array for all four formats.
 - ``nifti``: 2-D float32 in [-1, 1], exact; voxel [i, j] = pixel (row j, column i) (the NIfTI/MONAI x-first order,
   so MONAI loads a NIfTI and a PNG of the same image as the same array); affine ``diag(-s, -s, s, 1)``: columns run
   toward patient left and rows toward posterior (the usual radiological axial display, LPS-aligned like DICOM's
@@ -62,9 +63,9 @@ def png_bytes(image: np.ndarray, bits: int = 8) -> bytes:
 
 
 def npy_bytes(image: np.ndarray) -> bytes:
-    """A ``.npy`` file holding float32 [1, H, W] in [-1, 1]."""
+    """A ``.npy`` file holding float32 [W, H] in [-1, 1]: x first, as MONAI reads the other formats."""
     buf = io.BytesIO()
-    np.save(buf, _plane(image)[None], allow_pickle=False)
+    np.save(buf, np.ascontiguousarray(_plane(image).T), allow_pickle=False)  # [i = column, j = row]
     return buf.getvalue()
 
 
@@ -127,7 +128,7 @@ def read_image(path: str | Path) -> np.ndarray:
         else:
             raise ValueError(f"{path}: PNG mode {mode!r}; medgan exports 8-bit (L) or 16-bit (I;16) grayscale")
     elif name.endswith(".npy"):
-        x = np.load(path, allow_pickle=False).astype(np.float32)
+        x = np.load(path, allow_pickle=False).astype(np.float32).T  # back to [row, column]
     elif name.endswith((".nii.gz", ".nii")):
         import nibabel as nib
 

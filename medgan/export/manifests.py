@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import io
+from pathlib import Path
 from typing import Any
 
 
@@ -15,6 +16,14 @@ def manifest_csv(classes: list[str], files: list[str], labels: list[int], seeds:
     for k, (f, c, s) in enumerate(zip(files, labels, seeds, strict=True)):
         w.writerow([k, f, classes[c], c, s])
     return buf.getvalue()
+
+
+def read_manifest(path: Path) -> list[dict[str, str]]:
+    """The rows of an export's ``manifest.csv`` (none when the file is missing)."""
+    if not path.is_file():
+        return []
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
 
 
 def datalist(name: str, classes: list[str], files: list[str], labels: list[int], seeds: list[int]) -> dict:
@@ -35,7 +44,7 @@ def mapping_text(fmt: str, png_bits: int) -> str:
     return {
         ("png", 8): "uint8 q = round((x + 1) * 127.5); x = q / 127.5 - 1",
         ("png", 16): "uint16 q = round((x + 1) * 32767.5); x = q / 32767.5 - 1",
-        ("npy", png_bits): "float32 [1, 128, 128], x as generated",
+        ("npy", png_bits): "float32 [128, 128] (x = column, y = row, as MONAI reads PNG/NIfTI/DICOM), x as generated",
         ("nifti", png_bits): "float32 [128, 128] (x = column, y = row), x as generated; affine diag(-s, -s, s, 1)",
         ("dicom", png_bits): "uint16 q = round((x + 1) * 32767.5); x = q * RescaleSlope + RescaleIntercept "
         "(slope 1/32767.5, intercept -1)",

@@ -4,7 +4,7 @@ Work is streamed through a process pool: each work item (one volume source, or a
 normalized and written to ``<out>.parts/<id>.npy`` + ``<id>.json`` by a worker; the parent keeps only small row
 tables. A part's id hashes the source rows, the files' sizes and mtimes, the relevant config and the key fingerprint,
 so a rerun after an interruption reuses finished parts. The parent streams finished parts in manifest-row order into
-a `medgan.ingest.store.SliceWriter` while the workers make the next ones; once all are in, splits are assigned by
+a `medgan.dataset.SliceWriter` while the workers make the next ones; once all are in, splits are assigned by
 patient and the tables are written. The dataset is renamed into place only when complete.
 """
 
@@ -29,9 +29,9 @@ import numpy as np
 
 from medgan import __version__
 from medgan.config import Config, to_dict
+from medgan.dataset import SliceWriter
 from medgan.ingest.manifest import Skip, Source, discover_folder, read_manifest
 from medgan.ingest.privacy import Pseudonymizer, assign_splits, group_near_duplicates, key_id, load_key
-from medgan.ingest.store import SliceWriter
 from medgan.ingest.worker import (
     ScanTask,
     SeriesPlan,

@@ -21,12 +21,13 @@ from typing import Any
 import numpy as np
 
 from medgan.config import IngestConfig, to_dict
+from medgan.dataset import checked_float16, image_digests
 from medgan.ingest.image2d import read_image2d
 from medgan.ingest.manifest import Source
 from medgan.ingest.nifti import open_volume, read_mask
 from medgan.ingest.normalize import Slices, normalize_image2d, normalize_volume
 from medgan.ingest.privacy import Pseudonymizer, perceptual_hash
-from medgan.ingest.store import checked_float16, image_digests, part_intact
+from medgan.ingest.store import part_intact
 from medgan.ingest.volume import ReadError, Volume, VolumeStream
 from medgan.io import atomic_write_json, atomic_write_npy, read_json
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import re
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -72,6 +73,49 @@ def resolve(resume: str | Path) -> Path:
     if p.is_file():
         return p
     raise FileNotFoundError(f"--resume {p}: no such run folder or checkpoint file")
+
+
+def load_latest(resume: str | Path) -> tuple[Path, dict[str, Any]]:
+    """What ``--resume`` continues from: a checkpoint file as given, or a run folder's newest readable checkpoint.
+
+    A newest checkpoint that is truncated or empty (a full disk, a copy cut short) is passed over for the one before
+    it, with a warning naming both files; the bad file is left where it is.
+
+    Args:
+        resume: a run folder or a ``ckpt-*.pt`` file.
+
+    Returns:
+        The checkpoint's path and its state (see `load`).
+
+    Raises:
+        FileNotFoundError: nothing to resume from, naming what was looked for.
+        ValueError: the file given, or every checkpoint of the folder, is unreadable (each is named).
+    """
+    p = Path(resume)
+    if not p.is_dir():
+        path = resolve(p)
+        return path, load(path)
+    found = sorted((c for c in p.glob("ckpt-*.pt") if PATTERN.match(c.name)), reverse=True)
+    if not found:
+        resolve(p)  # raises, naming the folder
+    bad: list[tuple[Path, str]] = []
+    for path in found:
+        try:
+            state = load(path)
+        except ValueError:
+            size = path.stat().st_size
+            bad.append((path, "empty" if size == 0 else f"unreadable: truncated or damaged, {size} bytes"))
+            continue
+        if bad:
+            skipped = "; ".join(f"{b.name} ({why})" for b, why in bad)
+            warnings.warn(
+                f"--resume {p}: skipped the newer checkpoint(s) {skipped}; resuming from {path.name}", stacklevel=2
+            )
+        return path, state
+    raise ValueError(
+        f"--resume {p}: no checkpoint there is readable ({', '.join(b.name for b, _ in bad)}); start a new run "
+        "without --resume"
+    )
 
 
 def check_dataset(state: dict[str, Any], content_hash: str, data: Path, ckpt: Path) -> None:

@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from medgan.config import Config, flatten, from_dict, to_dict
 from medgan.data import DeviceFeeder, step_seed
-from medgan.ingest.store import SliceDataset
+from medgan.dataset import SliceDataset
 from medgan.models.discriminator import Discriminator
 from medgan.models.generator import Generator, generate
 from medgan.train import checkpoint, dist, losses
@@ -96,8 +96,7 @@ def train(cfg: Config, data: Path, *, out_dir: Path, resume: str | None, preset:
     # Resume: the checkpoint fixes the architecture and the run; train settings may change (e.g. a longer total_kimg).
     state, resumed_from = None, None
     if resume:
-        resumed_from = checkpoint.resolve(resume)
-        state = checkpoint.load(resumed_from)
+        resumed_from, state = checkpoint.load_latest(resume)  # past a truncated newest checkpoint, with a warning
         checkpoint.check_dataset(state, ds.content_hash, Path(data), resumed_from)
         cfg.model = from_dict(state["config"]).model
         run_name, run_dir = state["run_name"], resumed_from.parent
@@ -151,7 +150,7 @@ def train(cfg: Config, data: Path, *, out_dir: Path, resume: str | None, preset:
     log_every, sample_every = _every(t.log_every_kimg), _every(t.sample_every_kimg)
     ckpt_every = _every(t.ckpt_every_kimg)
     next_log, next_sample, next_ckpt = (_next(images_seen, e) for e in (log_every, sample_every, ckpt_every))
-    last_ckpt = checkpoint.latest(run_dir) if env.is_main and run_dir.is_dir() else None
+    last_ckpt = resumed_from if env.is_main else None  # the checkpoint resumed from was read whole
     metrics: dict[str, float] = {}
     history: list[dict[str, float]] = []  # one row per log interval, for the end-of-run health figure
     grad_g = grad_d = torch.zeros((), device=device)

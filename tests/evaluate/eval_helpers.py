@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from medgan.ingest.store import write_dataset
+from medgan.dataset import write_dataset
 
 CLASSES = ["left", "right"]
 

@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from medgan.config import Config, load_config
+from medgan.dataset import SliceDataset
 from medgan.evaluate import evaluate_generator, evaluate_images, run_evaluate
 from medgan.evaluate.features import Recipe, predict, real_classifier
-from medgan.ingest.store import SliceDataset
 from medgan.models.generator import Generator, LoadedGenerator
 
 sys.path.insert(0, str(Path(__file__).parent))

@@ -12,9 +12,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 from eval_helpers import CLASSES, make_dataset  # noqa: E402
 
 from medgan.config import Config, load_config, to_dict  # noqa: E402
+from medgan.dataset import SliceDataset  # noqa: E402
 from medgan.evaluate import run_evaluate  # noqa: E402
 from medgan.evaluate.features import Recipe, real_classifier  # noqa: E402
-from medgan.ingest.store import SliceDataset  # noqa: E402
 from medgan.models.generator import Generator  # noqa: E402
 
 FAST = [

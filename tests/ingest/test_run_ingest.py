@@ -16,8 +16,8 @@ from PIL import Image
 
 import medgan.ingest.worker as worker
 from medgan.config import load_config
+from medgan.dataset import SliceDataset
 from medgan.ingest import run_ingest
-from medgan.ingest.store import SliceDataset
 from tests.conftest import require
 
 TS = "nifti/totalsegmentator_ct_mr_with_labels"
@@ -90,7 +90,7 @@ def test_manifest_ingest_reports_bad_rows_and_lands_the_rest(nifti_root, tmp_pat
         "spleen",
     }
     assert ds.images.shape[1:] == (1, 128, 128) and len(ds) == rep.n_slices
-    rows = ds.table
+    rows = ds.rows()
     assert {r["patient"] for r in rows if r["class_name"] == "mr"} == {rows[-1]["patient"]}
     assert all(r["patient"].startswith("p-") and r["volume"].startswith("p-") for r in rows)
     for p in {r["patient"] for r in rows}:  # patient-level split
@@ -207,7 +207,7 @@ def test_folder_of_classes_keeps_duplicates_in_one_split(shared_data, tmp_path):
     dup_names = ["notumor/" + src.name, *[f"notumor/zz_copy{i}.jpg" for i in range(3)], "notumor/zz_bright.png"]
     assert len({patient[n] for n in dup_names}) == 1 and len({split[n] for n in dup_names}) == 1
     splits_per_patient = defaultdict(set)
-    for r in ds.table:
+    for r in ds.rows():
         splits_per_patient[r["patient"]].add(r["split"])
     assert all(len(s) == 1 for s in splits_per_patient.values())
     assert len(set(ds.column("split"))) >= 2
@@ -254,7 +254,7 @@ def test_dicom_tag_mapping_labels_series(shared_data, tmp_path):
     assert ds.classes == ["arterial_ct"] and rep.report[0]["status"] == "ok"
     # The other series' description is not in the map: skipped with the rule named.
     assert rep.report[1]["status"] == "skipped" and "dicom_label_map" in rep.report[1]["reason"]
-    assert {r["modality"] for r in ds.table} == {"CT"}
+    assert set(ds.column("modality").tolist()) == {"CT"}
 
 
 def test_folder_of_odd_dicom_objects_lands_every_readable_image(shared_data, tmp_path):
@@ -351,7 +351,7 @@ def test_a_dicom_tree_in_one_row_is_read_series_by_series_with_the_same_result(
     assert reason.startswith("2 file(s) not used (") and "not a DICOM file" in reason and "not an image" in reason
     assert split.content_hash == serial.content_hash
     a, b = SliceDataset.open(tmp_path / "serial"), SliceDataset.open(tmp_path / "split")
-    assert a.classes == ["ct", "mr"] and len(set(a.column("volume"))) == 5 and a.table == b.table
+    assert a.classes == ["ct", "mr"] and len(set(a.column("volume"))) == 5 and a.rows() == b.rows()
 
     # Which series the scan itself read: their parts are there before any work item runs.
     cfg = _cfg(*labels, *runs["split"]).ingest

@@ -7,7 +7,7 @@ import torch
 
 from medgan.config import TrainConfig
 from medgan.data import DeviceFeeder, step_seed
-from medgan.ingest.store import SliceDataset
+from medgan.dataset import SliceDataset
 from medgan.train import dist, losses
 from medgan.train.augment import Augment, augment
 

@@ -76,3 +76,26 @@ def test_checkpoint_contents_and_loader(halves, tmp_path, tracker):
     bad.write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match="not a readable medgan checkpoint"):
         checkpoint.load(bad)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "empty"])
+def test_resume_passes_over_a_damaged_newest_checkpoint(halves, tmp_path, tracker, damage):
+    first = train(tiny_config(total_kimg=0.032), halves, out_dir=tmp_path, resume=None, preset="t")
+    good = first.checkpoint
+    newer = good.with_name(checkpoint.checkpoint_name(64))  # what a save cut short at 64 images would leave
+    newer.write_bytes(good.read_bytes()[: good.stat().st_size // 2] if damage == "truncated" else b"")
+    with pytest.raises(ValueError, match="not a readable medgan checkpoint"):
+        checkpoint.load(newer)
+    why = "empty" if damage == "empty" else "truncated"
+    skipped = rf"skipped the newer checkpoint\(s\) {newer.name} \(.*{why}.*\); resuming from {good.name}"
+    with pytest.warns(UserWarning, match=skipped):
+        path, state = checkpoint.load_latest(first.run_dir)
+    assert path == good and state["images_seen"] == 32
+    with pytest.warns(UserWarning, match=f"resuming from {good.name}"):
+        resumed = train(tiny_config(total_kimg=0.064), halves, out_dir=tmp_path, resume=str(first.run_dir), preset="t")
+    assert resumed.images_seen == 64 and resumed.checkpoint == newer  # the step's save replaced the damaged file
+    assert checkpoint.load(newer)["images_seen"] == 64
+    good.write_bytes(b"")
+    newer.write_bytes(b"\0" * 100)
+    with pytest.raises(ValueError, match=f"no checkpoint there is readable \\({newer.name}, {good.name}\\)"):
+        checkpoint.load_latest(first.run_dir)

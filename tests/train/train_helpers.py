@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from medgan.config import Config
-from medgan.ingest.store import write_dataset
+from medgan.dataset import write_dataset
 
 
 def halves_dataset(out: Path, n_per_class: int = 64, seed: int = 0, noise: float = 0.1) -> Path:
