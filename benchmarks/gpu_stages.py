@@ -149,7 +149,7 @@ def dataset_path(work: Path) -> Path:
 def stage_ingest(args: argparse.Namespace, out: Fragment) -> None:
     from medgan.config import load_config
     from medgan.ingest import run_ingest
-    from medgan.ingest.store import SliceDataset
+    from medgan.dataset import SliceDataset
 
     cfg = load_config([ROOT / "configs/ingest/sample_ct_organs.yaml"], ["ingest.workers=2"])
     t0 = time.perf_counter()
@@ -277,7 +277,7 @@ def stage_export(args: argparse.Namespace, out: Fragment) -> None:
 
     from medgan.config import load_config
     from medgan.export import read_image, run_export
-    from medgan.ingest.store import SliceDataset
+    from medgan.dataset import SliceDataset
 
     previous = [json.loads(p.read_text()).get("checkpoint") for p in (args.work / "train.json", args.work / "ddp.json")
                 if p.is_file()]  # fmt: skip

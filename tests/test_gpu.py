@@ -17,7 +17,7 @@ import torch
 from medgan.config import Config, ModelConfig, TrainConfig
 from medgan.data import DeviceFeeder
 from medgan.export import export_dataset, read_image
-from medgan.ingest.store import SliceDataset, write_dataset
+from medgan.dataset import SliceDataset, write_dataset
 from medgan.models.discriminator import Discriminator
 from medgan.models.generator import CondBatchNorm, Generator, LoadedGenerator
 from medgan.train import dist
