@@ -106,9 +106,11 @@ class EvalConfig:
     feature_epochs: int = 15  # domain classifier training budget
     classifier_epochs: int = 15  # TSTR / TRTR classifier budget
     near_copy_ratio: float = 0.5  # synthetic-to-train NN distance below this x the test-to-train median = near copy
-    gate_min_tstr_ratio: float = 0.7  # --promote gate: TSTR/TRTR balanced accuracy
-    gate_max_near_copy_fraction: float = 0.01  # --promote gate
-    gate_min_class_fidelity: float = 0.0  # --promote gate
+    # --promote gates; a figure that is not measurable (e.g. a one-class test split) fails its gate.
+    gate_min_tstr_ratio: float = 0.7  # TSTR/TRTR balanced accuracy: synthetic data keeps >= 70% of real data's use
+    gate_max_near_copy_fraction: float = 0.01  # at most 1 in 100 synthetic images a near copy of a train image
+    gate_min_class_fidelity: float = 0.7  # asked class recognised; well above chance (1/n_classes <= 0.5)
+    gate_min_recall: float = 0.1  # real train images inside the synthetic manifold; ~0 = collapse onto a corner
     seed: int = 0
     cache_dir: str = ""  # domain networks cached in <cache_dir>/features; "" = ~/.cache/medgan
     diversity_pairs: int = 50  # random same-class pairs per class for within-class MS-SSIM

@@ -24,13 +24,21 @@ import numpy as np
 from medgan.config import Config
 from medgan.evaluate import metrics as M
 from medgan.evaluate.features import Recipe, fit_classifier, predict, real_classifier
-from medgan.evaluate.gates import EvalResult, GateResult, check_gates
+from medgan.evaluate.gates import NOT_MEASURABLE, EvalResult, GateResult, check_gates
+from medgan.evaluate.gates import describe_value as describe_figure
 from medgan.evaluate.report import pairs_figure, sample_figure, write_report
 
 if TYPE_CHECKING:
     from medgan.ingest.store import SliceDataset
 
 PIXEL_SIDE = 64  # memorization pixel space: 128 px slices area-averaged to 64 px (4096-d), robust to pixel noise
+DISTRIBUTION_KEYS = (
+    *("fd", "fd_real_floor", "kid_x1000", "kid_std_x1000", "kid_real_floor_x1000", "precision", "recall"),
+    *("precision_real_floor", "recall_real_floor", "density", "coverage", "density_real_floor", "coverage_real_floor"),
+)
+UTILITY_KEYS = tuple(
+    f"{who}_{what}" for who in ("tstr", "trtr") for what in ("accuracy", "balanced_accuracy", "macro_auc")
+) + ("tstr_trtr_ratio", "tstr_trtr_auc_ratio")
 SEED_STRIDE = 1_000_003  # synthetic image i of class c uses seed eval.seed * SEED_STRIDE + c * n_per_class + i
 
 __all__ = ["EvalResult", "GateResult", "check_gates", "evaluate_generator", "evaluate_images", "run_evaluate"]
@@ -119,6 +127,17 @@ def evaluate_images(
     f_train, f_val, f_test, f_syn = (f / scale for f in (f_train, f_val, f_test, f_syn))
     f_heldout = np.concatenate([f_val, f_test])
     timings["features_s"] = time.perf_counter() - t
+    # What each split can measure: a classifier score needs >= 2 classes among the images it is scored on.
+    nm: dict[str, str] = {}  # figure -> why it is not measurable
+    why_test = _one_class_reason("test", y_test, dataset.classes)
+    why_val = _one_class_reason("val", labels[val_idx], dataset.classes) if len(val_idx) else "there is no val split"
+    why_classes = f"the dataset has one class ({dataset.classes[0]}): any classifier recognises it" if C < 2 else ""
+    notes = list(notes or [])
+    if why_classes:
+        notes.append(
+            "with one class the domain network learns nothing (its loss is zero), so FD, KID, precision/recall and "
+            "density/coverage compare images in the features of an untrained network"
+        )
 
     # Fidelity and coverage at equal sample counts (FD and k-NN metrics depend on n); KID is unbiased, uses subsets.
     t = time.perf_counter()
@@ -133,46 +152,87 @@ def evaluate_images(
         "n_heldout": len(heldout_idx),
         "n_eval": n_eval,
     }
-    m["fd"], m["fd_real_floor"] = M.frechet_distance(syn_s, ref), M.frechet_distance(held_s, ref)
-    kid, kid_std, m["kid_subset_size"] = M.kernel_inception_distance(f_syn, f_train, ev.kid_subsets, seed=ev.seed)
-    kid_floor, _, _ = M.kernel_inception_distance(f_heldout, f_train, ev.kid_subsets, seed=ev.seed)
-    m.update(kid_x1000=1000 * kid, kid_std_x1000=1000 * kid_std, kid_real_floor_x1000=1000 * kid_floor)
-    m["precision"], m["recall"] = M.precision_recall(ref, syn_s, k=3)
-    m["precision_real_floor"], m["recall_real_floor"] = M.precision_recall(ref, held_s, k=3)
-    m["density"], m["coverage"] = M.density_coverage(ref, syn_s, k=5)
-    m["density_real_floor"], m["coverage_real_floor"] = M.density_coverage(ref, held_s, k=5)
+    if n_eval >= 2:
+        m["fd"], m["fd_real_floor"] = M.frechet_distance(syn_s, ref), M.frechet_distance(held_s, ref)
+        kid, kid_std, m["kid_subset_size"] = M.kernel_inception_distance(f_syn, f_train, ev.kid_subsets, seed=ev.seed)
+        kid_floor, _, _ = M.kernel_inception_distance(f_heldout, f_train, ev.kid_subsets, seed=ev.seed)
+        m.update(kid_x1000=1000 * kid, kid_std_x1000=1000 * kid_std, kid_real_floor_x1000=1000 * kid_floor)
+        m["precision"], m["recall"] = M.precision_recall(ref, syn_s, k=3)
+        m["precision_real_floor"], m["recall_real_floor"] = M.precision_recall(ref, held_s, k=3)
+        m["density"], m["coverage"] = M.density_coverage(ref, syn_s, k=5)
+        m["density_real_floor"], m["coverage_real_floor"] = M.density_coverage(ref, held_s, k=5)
+    else:
+        for key in DISTRIBUTION_KEYS:
+            nm[key] = f"{n_eval} image(s) per side (synthetic, train, held-out); needs >= 2"
     timings["distribution_s"] = time.perf_counter() - t
 
     # Class fidelity: does the domain classifier see the class that was asked for?
-    m["class_fidelity"], fidelity = M.per_class_accuracy(p_syn.argmax(1), labels_syn, C)
-    m["domain_val_accuracy"] = dinfo["val_accuracy"]
-    m["domain_test_accuracy"] = float((p_test.argmax(1) == y_test).mean())
+    class_fidelity, fidelity = M.per_class_accuracy(p_syn.argmax(1), labels_syn, C)
+    if why_classes:
+        nm["class_fidelity"] = why_classes
+    else:
+        m["class_fidelity"] = class_fidelity
     for name, v in zip(dataset.classes, fidelity, strict=True):
-        m[f"class_fidelity.{name}"] = v
+        key = f"class_fidelity.{name}"
+        if why_classes:
+            nm[key] = why_classes
+        elif np.isnan(v):
+            nm[key] = f"no synthetic image of class {name}"
+        else:
+            m[key] = v
+    if why_val:
+        nm["domain_val_accuracy"] = why_val
+    else:
+        m["domain_val_accuracy"] = dinfo["val_accuracy"]
+    if why_test:
+        nm["domain_test_accuracy"] = why_test
+    else:
+        m["domain_test_accuracy"] = float((p_test.argmax(1) == y_test).mean())
 
     # Utility: TRTR (cached, = the domain network when budgets match) and TSTR with the same recipe and step count.
     t = time.perf_counter()
     trtr, tinfo = (domain, dinfo) if cls_recipe == feat_recipe else real_classifier(dataset, cls_recipe, cache_dir)
-    tstr = fit_classifier(synthetic_images, labels_syn, C, cls_recipe, steps=tinfo["steps"])
     m["classifier_steps"] = tinfo["steps"]
-    scores = {
-        "trtr": M.classification_scores(y_test, p_test if trtr is domain else predict(trtr, test_x)[0]),
-        "tstr": M.classification_scores(y_test, predict(tstr, test_x)[0]),
-    }
-    for who, s in scores.items():
-        m.update({f"{who}_{k}": v for k, v in s.items()})
-    m["tstr_trtr_ratio"] = (
-        m["tstr_balanced_accuracy"] / m["trtr_balanced_accuracy"] if m["trtr_balanced_accuracy"] > 0 else float("nan")
-    )
+    if why_test:
+        for key in UTILITY_KEYS:
+            nm[key] = why_test
+    else:
+        tstr = fit_classifier(synthetic_images, labels_syn, C, cls_recipe, steps=tinfo["steps"])
+        scores = {
+            "trtr": M.classification_scores(y_test, p_test if trtr is domain else predict(trtr, test_x)[0]),
+            "tstr": M.classification_scores(y_test, predict(tstr, test_x)[0]),
+        }
+        missing = sorted(set(dataset.classes) - {dataset.classes[i] for i in np.unique(y_test)})
+        for who, s in scores.items():
+            for k, v in s.items():
+                if np.isnan(v):
+                    nm[f"{who}_{k}"] = f"class(es) {', '.join(missing)} absent from the test split (AUC needs each)"
+                else:
+                    m[f"{who}_{k}"] = v
+        if m["trtr_balanced_accuracy"] > 0:
+            m["tstr_trtr_ratio"] = m["tstr_balanced_accuracy"] / m["trtr_balanced_accuracy"]
+        else:
+            nm["tstr_trtr_ratio"] = "TRTR balanced accuracy is 0 (the real-data classifier learned nothing)"
+        if "trtr_macro_auc" in m and "tstr_macro_auc" in m:
+            m["tstr_trtr_auc_ratio"] = m["tstr_macro_auc"] / m["trtr_macro_auc"]
+        else:
+            nm["tstr_trtr_auc_ratio"] = nm.get("trtr_macro_auc", "macro AUC not measurable")
     timings["utility_s"] = time.perf_counter() - t
 
     # Diversity: within-class MS-SSIM of synthetic pairs next to real train pairs.
     t = time.perf_counter()
     ms_syn, m["ms_ssim_pairs"] = M.within_class_ms_ssim(synthetic_images, labels_syn, C, ev.diversity_pairs, ev.seed)
     ms_real, _ = M.within_class_ms_ssim(train_x, y_train, C, ev.diversity_pairs, ev.seed)
-    m["ms_ssim_synthetic"], m["ms_ssim_real"] = float(np.nanmean(ms_syn)), float(np.nanmean(ms_real))
+    for key, values, who in (("ms_ssim_synthetic", ms_syn, "synthetic"), ("ms_ssim_real", ms_real, "real train")):
+        if np.isnan(values).all():
+            nm[key] = f"no class has 2 {who} images to pair"
+        else:
+            m[key] = float(np.nanmean(values))
     for name, v in zip(dataset.classes, ms_syn, strict=True):
-        m[f"ms_ssim_synthetic.{name}"] = v
+        if np.isnan(v):
+            nm[f"ms_ssim_synthetic.{name}"] = f"fewer than 2 synthetic images of class {name}"
+        else:
+            m[f"ms_ssim_synthetic.{name}"] = v
     timings["diversity_s"] = time.perf_counter() - t
 
     # Memorization: nearest train image of every synthetic image vs how close real unseen (test) images come.
@@ -191,19 +251,18 @@ def evaluate_images(
     d_unseen, _ = M.nearest_neighbours(M.pixel_vectors(unseen, PIXEL_SIDE), px_train)
     m["near_copy_fraction_real"] = float((d_unseen < threshold).mean())
     if m["near_copy_fraction_real"] > ev.gate_max_near_copy_fraction:
-        notes = [
-            *(notes or []),
+        notes.append(
             f"{m['near_copy_fraction_real']:.1%} of real {'val' if len(val_idx) else 'test'} images are near copies "
             "of a train image under the same rule: the splits share near-duplicates (deduplicate before splitting), "
             "and even an ideal generator would exceed the near-copy gate; compare the synthetic fraction with it",
-        ]
+        )
     m["nn_distance_ratio"] = float(np.median(d_syn) / max(np.median(d_test), 1e-12))
     m["nn_distance_ratio_features"] = float(np.median(fd_syn) / max(np.median(fd_test), 1e-12))
     closest = np.argsort(d_syn, kind="stable")[: ev.n_figure_pairs]
     timings["memorization_s"] = time.perf_counter() - t
 
     m = {k: float(v) for k, v in m.items()}
-    gates = check_gates(m, ev)
+    gates = check_gates(m, ev, nm)
     counts = np.bincount(labels_syn, minlength=C)
     details = {
         "classes": dataset.classes,
@@ -214,9 +273,9 @@ def evaluate_images(
         "per_class": [
             {
                 "class": c,
-                "class_fidelity": fidelity[i],
-                "ms_ssim_synthetic": ms_syn[i],
-                "ms_ssim_real": ms_real[i],
+                "class_fidelity": describe_figure(f"class_fidelity.{c}", m, nm),
+                "ms_ssim_synthetic": describe_figure(f"ms_ssim_synthetic.{c}", m, nm),
+                "ms_ssim_real": ms_real[i] if not np.isnan(ms_real[i]) else f"{NOT_MEASURABLE}: fewer than 2 images",
                 "near_copies": int(copies[labels_syn == i].sum()),
                 "n_synthetic": int(counts[i]),
             }
@@ -234,16 +293,24 @@ def evaluate_images(
             ],
         },
         "seconds": {k: round(v, 2) for k, v in timings.items()},
-        "notes": list(notes or []),
+        "notes": notes,
     }
     figures = {
         "samples.png": sample_figure(synthetic_images, labels_syn, train_x, y_train, C),
         "nearest_pairs.png": pairs_figure(synthetic_images, train_x, [(int(s), int(j_syn[s])) for s in closest]),
     }
-    out_dir = write_report(out_dir, title, m, gates, details, figures)
+    out_dir = write_report(out_dir, title, m, nm, gates, details, figures)
     # The domain network travels with the report (and so into the MLflow evaluation run).
     shutil.copyfile(dinfo["cache_path"], out_dir / "domain_network.pt")
-    return EvalResult(metrics=m, gates=gates, report_dir=out_dir, notes=list(notes or []))
+    return EvalResult(metrics=m, gates=gates, report_dir=out_dir, not_measurable=nm, notes=notes)
+
+
+def _one_class_reason(split: str, labels: np.ndarray, classes: list[str]) -> str:
+    present = [classes[i] for i in np.unique(labels)]
+    if len(present) >= 2:
+        return ""
+    what = f"one class ({present[0]})" if present else "no images"
+    return f"the {split} split has {what}: a classifier that always answers it would score 1"
 
 
 def synthetic_labels_and_seeds(num_classes: int, n_per_class: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -400,7 +467,9 @@ def run_evaluate(
             set_alias(cfg.track.tracking_uri, name, version, "champion")
             result.promoted = True
         elif promote:
-            failed = ", ".join(g.name for g in result.gates if not g.passed)
+            failed = ", ".join(
+                g.name + (f" (not measurable: {g.reason})" if g.reason else "") for g in result.gates if not g.passed
+            )
             result.notes.append(f"not promoted: gate(s) failed: {failed}; 'champion' is unchanged")
     else:
         result.notes.append("a checkpoint without a registered version or tracked run: nothing logged to MLflow")
