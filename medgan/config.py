@@ -111,7 +111,8 @@ class EvalConfig:
     gate_max_near_copy_fraction: float = 0.01  # at most 1 in 100 synthetic images a near copy of a train image
     gate_min_class_fidelity: float = 0.7  # asked class recognised; well above chance (1/n_classes <= 0.5)
     gate_min_recall: float = 0.1  # real train images inside the synthetic manifold; ~0 = collapse onto a corner
-    seed: int = 0
+    seed: int = 0  # sample seeds (the export's seed rule) and the first classifier seed
+    seeds: int = 3  # classifier seeds eval.seed .. eval.seed + seeds - 1: TSTR/TRTR/real+synthetic as mean ± std
     cache_dir: str = ""  # domain networks cached in <cache_dir>/features; "" = ~/.cache/medgan
     diversity_pairs: int = 50  # random same-class pairs per class for within-class MS-SSIM
     kid_subsets: int = 50  # random subsets averaged by KID (subset size = min(1000, both set sizes))

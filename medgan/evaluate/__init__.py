@@ -23,10 +23,12 @@ import numpy as np
 
 from medgan.config import Config
 from medgan.evaluate import metrics as M
-from medgan.evaluate.features import Recipe, fit_classifier, predict, real_classifier
+from medgan.evaluate.features import Recipe, predict, real_classifier
 from medgan.evaluate.gates import NOT_MEASURABLE, EvalResult, GateResult, check_gates
 from medgan.evaluate.gates import describe_value as describe_figure
 from medgan.evaluate.report import pairs_figure, sample_figure, write_report
+from medgan.evaluate.utility import KEYS as UTILITY_KEYS
+from medgan.evaluate.utility import classifier_seeds, measure_utility
 
 if TYPE_CHECKING:
     from medgan.ingest.store import SliceDataset
@@ -36,9 +38,6 @@ DISTRIBUTION_KEYS = (
     *("fd", "fd_real_floor", "kid_x1000", "kid_std_x1000", "kid_real_floor_x1000", "precision", "recall"),
     *("precision_real_floor", "recall_real_floor", "density", "coverage", "density_real_floor", "coverage_real_floor"),
 )
-UTILITY_KEYS = tuple(
-    f"{who}_{what}" for who in ("tstr", "trtr") for what in ("accuracy", "balanced_accuracy", "macro_auc")
-) + ("tstr_trtr_ratio", "tstr_trtr_auc_ratio")
 SEED_STRIDE = 1_000_003  # synthetic image i of class c uses seed eval.seed * SEED_STRIDE + c * n_per_class + i
 
 __all__ = ["EvalResult", "GateResult", "check_gates", "evaluate_generator", "evaluate_images", "run_evaluate"]
@@ -189,34 +188,27 @@ def evaluate_images(
     else:
         m["domain_test_accuracy"] = float((p_test.argmax(1) == y_test).mean())
 
-    # Utility: TRTR (cached, = the domain network when budgets match) and TSTR with the same recipe and step count.
+    # Utility: TSTR, TRTR and real+synthetic, the same recipe and step count, mean ± std over eval.seeds seeds.
     t = time.perf_counter()
-    trtr, tinfo = (domain, dinfo) if cls_recipe == feat_recipe else real_classifier(dataset, cls_recipe, cache_dir)
-    m["classifier_steps"] = tinfo["steps"]
+    seeds = classifier_seeds(ev.seed, ev.seeds)
+    utility_details: dict = {"seeds": seeds}
     if why_test:
-        for key in UTILITY_KEYS:
-            nm[key] = why_test
+        m["classifier_steps"] = cls_recipe.steps(len(train_idx))
+        nm.update({key: why_test for key in UTILITY_KEYS})
     else:
-        tstr = fit_classifier(synthetic_images, labels_syn, C, cls_recipe, steps=tinfo["steps"])
-        scores = {
-            "trtr": M.classification_scores(y_test, p_test if trtr is domain else predict(trtr, test_x)[0]),
-            "tstr": M.classification_scores(y_test, predict(tstr, test_x)[0]),
-        }
-        missing = sorted(set(dataset.classes) - {dataset.classes[i] for i in np.unique(y_test)})
-        for who, s in scores.items():
-            for k, v in s.items():
-                if np.isnan(v):
-                    nm[f"{who}_{k}"] = f"class(es) {', '.join(missing)} absent from the test split (AUC needs each)"
-                else:
-                    m[f"{who}_{k}"] = v
-        if m["trtr_balanced_accuracy"] > 0:
-            m["tstr_trtr_ratio"] = m["tstr_balanced_accuracy"] / m["trtr_balanced_accuracy"]
-        else:
-            nm["tstr_trtr_ratio"] = "TRTR balanced accuracy is 0 (the real-data classifier learned nothing)"
-        if "trtr_macro_auc" in m and "tstr_macro_auc" in m:
-            m["tstr_trtr_auc_ratio"] = m["tstr_macro_auc"] / m["trtr_macro_auc"]
-        else:
-            nm["tstr_trtr_auc_ratio"] = nm.get("trtr_macro_auc", "macro AUC not measurable")
+        um, unm, utility_details = measure_utility(
+            dataset,
+            (train_x, y_train),
+            (test_x, y_test),
+            (synthetic_images, labels_syn),
+            cls_recipe,
+            seeds,
+            cache_dir,
+            reuse=(feat_recipe, domain, dinfo),
+        )
+        m.update(um)
+        nm.update(unm)
+    m["classifier_seeds"] = len(seeds)
     timings["utility_s"] = time.perf_counter() - t
 
     # Diversity: within-class MS-SSIM of synthetic pairs next to real train pairs.
@@ -269,7 +261,8 @@ def evaluate_images(
         "dataset": {"path": str(dataset.path), "content_hash": dataset.content_hash},
         "n_per_class_text": ", ".join(f"{n} {c}" for c, n in zip(dataset.classes, counts, strict=True)),
         "domain_network": dict(dinfo),
-        "classifier_recipe": ", ".join(f"{k}={v}" for k, v in asdict(cls_recipe).items()),
+        "classifier_recipe": ", ".join(f"{k}={v}" for k, v in asdict(cls_recipe).items() if k != "seed"),
+        "utility": utility_details,
         "per_class": [
             {
                 "class": c,

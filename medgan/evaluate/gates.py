@@ -138,7 +138,9 @@ class EvalResult:
             f"  classifiers on the real test split, mean ± std over {seeds} seed(s):",
             f"    TSTR (synthetic)        {utility('tstr')}",
             f"    TRTR (real)             {utility('trtr')}",
-            f"    TSTR/TRTR ratio {f('tstr_trtr_ratio')} (macro AUC ratio {f('tstr_trtr_auc_ratio')})",
+            f"    real + synthetic        {utility('mixed')}",
+            f"    TSTR/TRTR ratio {f('tstr_trtr_ratio')} (macro AUC ratio {f('tstr_trtr_auc_ratio')}); "
+            f"real+synthetic minus real: balanced acc {f('mixed_trtr_delta')}, macro AUC {f('mixed_trtr_auc_delta')}",
             f"  near copies {f('near_copy_fraction')} (pixel; real val {f('near_copy_fraction_real')}), "
             f"{f('near_copy_fraction_features')} (features); "
             f"NN distance ratio {f('nn_distance_ratio')}",
