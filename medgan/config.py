@@ -112,6 +112,7 @@ class EvalConfig:
     gate_min_class_fidelity: float = 0.7  # asked class recognised; well above chance (1/n_classes <= 0.5)
     gate_min_recall: float = 0.1  # real train images inside the synthetic manifold; ~0 = collapse onto a corner
     seed: int = 0  # sample seeds (the export's seed rule) and the first classifier seed
+    batch_size: int = 256  # generator batch; equal to export.batch_size, evaluated images equal exported ones
     seeds: int = 3  # classifier seeds eval.seed .. eval.seed + seeds - 1: TSTR/TRTR/real+synthetic as mean ± std
     cache_dir: str = ""  # domain networks cached in <cache_dir>/features; "" = ~/.cache/medgan
     diversity_pairs: int = 50  # random same-class pairs per class for within-class MS-SSIM

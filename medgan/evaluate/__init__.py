@@ -38,7 +38,6 @@ DISTRIBUTION_KEYS = (
     *("fd", "fd_real_floor", "kid_x1000", "kid_std_x1000", "kid_real_floor_x1000", "precision", "recall"),
     *("precision_real_floor", "recall_real_floor", "density", "coverage", "density_real_floor", "coverage_real_floor"),
 )
-SEED_STRIDE = 1_000_003  # synthetic image i of class c uses seed eval.seed * SEED_STRIDE + c * n_per_class + i
 
 __all__ = ["EvalResult", "GateResult", "check_gates", "evaluate_generator", "evaluate_images", "run_evaluate"]
 
@@ -306,11 +305,20 @@ def _one_class_reason(split: str, labels: np.ndarray, classes: list[str]) -> str
     return f"the {split} split has {what}: a classifier that always answers it would score 1"
 
 
-def synthetic_labels_and_seeds(num_classes: int, n_per_class: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """The (label, seed) pairs evaluation samples: `n_per_class` per class; seed = f(eval.seed, class, i)."""
-    labels = np.repeat(np.arange(num_classes), n_per_class)
-    seeds = seed * SEED_STRIDE + np.arange(num_classes * n_per_class)
-    return labels, seeds
+def sample_for_evaluation(loaded: Any, cfg: Config) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The images evaluation scores: ``eval.n_per_class`` per class under the seed rule of `medgan.sampling`.
+
+    Image ``index`` of class ``label`` uses seed ``eval.seed + label * 1_000_000 + index`` in class-pure batches of
+    ``eval.batch_size``: the image `medgan export` writes for that (class, index) with ``export.seed = eval.seed`` and
+    the same batch size.
+
+    Returns:
+        (images float32 [C * n, 1, 128, 128], labels int64, seeds int64), class-major.
+    """
+    from medgan.sampling import sample_classes
+
+    ev = cfg.eval
+    return sample_classes(loaded.G, range(len(loaded.classes)), ev.n_per_class, ev.seed, "cpu", ev.batch_size)
 
 
 def evaluate_generator(
@@ -328,17 +336,18 @@ def evaluate_generator(
     Raises:
         ValueError: the generator's classes differ from the dataset's.
     """
-    from medgan.models.generator import generate
-
     if list(loaded.classes) != dataset.classes:
         raise ValueError(
             f"the generator knows classes {loaded.classes} but {dataset.path} has {dataset.classes}; evaluate "
             "against the dataset it was trained on"
         )
-    labels, seeds = synthetic_labels_and_seeds(len(dataset.classes), cfg.eval.n_per_class, cfg.eval.seed)
     t = time.perf_counter()
-    images = generate(loaded.G, labels, seeds)
-    notes = [f"{len(images)} images generated in {time.perf_counter() - t:.1f} s (seeds {seeds[0]}..{seeds[-1]})"]
+    images, labels, seeds = sample_for_evaluation(loaded, cfg)
+    notes = [
+        f"{len(images)} images generated in {time.perf_counter() - t:.1f} s: image i of class c from seed "
+        f"{cfg.eval.seed} + c * 1000000 + i (batches of {cfg.eval.batch_size}), the images `medgan export "
+        f"--seed {cfg.eval.seed} --set export.batch_size={cfg.eval.batch_size}` writes"
+    ]
     if loaded.info.get("dataset_hash") and loaded.info["dataset_hash"] != dataset.content_hash:
         notes.append(
             f"the generator was trained on dataset {str(loaded.info['dataset_hash'])[:12]} but evaluated against "

@@ -10,11 +10,13 @@ An export folder holds
 <out>/README.md                                          SYNTHETIC banner, provenance, intensity mapping
 ```
 
-Image ``index`` of class ``label`` is generated from seed ``export.seed + label * 1_000_000 + index``, so a class's
-images do not depend on which other classes are exported. The same model, seed, batch size and device give
-byte-identical files (DICOM: identical pixels; UIDs are fresh per export). Batches never mix classes because kernels
-may round differently for another batch shape (last-bit float32 differences). Every row goes to split
-``export.split`` (default ``train``) so `medgan train` and `medgan evaluate` read the export like real data.
+Image ``index`` of class ``label`` is generated from seed ``export.seed + label * 1_000_000 + index``
+(`medgan.sampling`, the rule `medgan evaluate` uses too), so a class's images do not depend on which other classes are
+exported, and an evaluation with the same seed and batch size scores exactly these images. The same model, seed,
+batch size and device give byte-identical files (DICOM: identical pixels; UIDs are fresh per export). Batches never
+mix classes because kernels may round differently for another batch shape (last-bit float32 differences). Every row
+goes to split ``export.split`` (default ``train``) so `medgan train` and `medgan evaluate` read the export like real
+data.
 """
 
 from __future__ import annotations
@@ -35,13 +37,13 @@ import numpy as np
 from medgan.config import Config, to_dict
 from medgan.export.formats import EXTENSIONS, FORMATS, QUANTIZATION, encode, read_image
 from medgan.io import atomic_dir, atomic_write_json, atomic_write_text
+from medgan.sampling import SEED_STRIDE, image_seed  # the one seed rule, shared with medgan evaluate
 
 if TYPE_CHECKING:
     from medgan.models.generator import LoadedGenerator
 
 __all__ = ["ExportResult", "export_dataset", "image_seed", "read_image", "run_export", "SEED_STRIDE"]
 
-SEED_STRIDE = 1_000_000  # seeds of class c are seed + c * SEED_STRIDE + index, index < SEED_STRIDE
 RESOLUTION = 128
 
 
@@ -84,11 +86,6 @@ class ExportResult:
             f"({str(self.out / 'datalist.json')!r})",
         ]
         return "\n".join(lines)
-
-
-def image_seed(base_seed: int, label: int, index: int) -> int:
-    """The generation seed of image `index` of class `label`: ``base_seed + label * SEED_STRIDE + index``."""
-    return int(base_seed) + int(label) * SEED_STRIDE + int(index)
 
 
 def run_export(

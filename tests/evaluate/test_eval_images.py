@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import sys
 from pathlib import Path
@@ -139,3 +140,26 @@ def test_run_evaluate_reads_an_exported_dataset(real, cfg, cache, tmp_path):
         run_evaluate(cfg, str(export), real.path, out_dir=tmp_path / "rep2", promote=True, cache_dir=cache)
     with pytest.raises(ValueError, match="synthetic dataset"):
         run_evaluate(cfg, str(real.path), export, out_dir=tmp_path / "rep3", promote=False, cache_dir=cache)
+
+
+def test_evaluated_images_are_the_exported_ones(tmp_path):
+    """One seed rule: evaluation's image (class, index) is the file `medgan export` writes for it, bit for bit."""
+    from medgan.config import ModelConfig
+    from medgan.evaluate import sample_for_evaluation
+    from medgan.export import export_dataset, read_image
+
+    torch.manual_seed(0)
+    mc = ModelConfig(z_dim=16, width=4, g_max_channels=16, embed_dim=8)
+    G = Generator(num_classes=2, z_dim=16, width=4, max_channels=16, embed_dim=8)
+    loaded = LoadedGenerator(G, CLASSES, mc, {"checkpoint": "ckpt-000001.pt"})
+    cfg = load_config(sets=["eval.n_per_class=5", "eval.seed=7", "eval.batch_size=3"])
+    cfg.export.format, cfg.export.n_per_class, cfg.export.seed, cfg.export.batch_size = "npy", 5, 7, 3
+    cfg.export.device = "cpu"
+    images, labels, seeds = sample_for_evaluation(loaded, cfg)
+    out = export_dataset(loaded, cfg, tmp_path / "export", progress=False).out
+    rows = list(csv.DictReader((out / "manifest.csv").open()))
+    assert [int(r["seed"]) for r in rows] == seeds.tolist() and [int(r["label"]) for r in rows] == labels.tolist()
+    exported = np.stack([read_image(out / r["file"]) for r in rows])
+    assert exported.shape == images.shape and np.array_equal(exported, images)
+    # Seeds differ per (class, index), so the classes are not one image repeated.
+    assert len(set(seeds.tolist())) == 10 and not np.array_equal(images[0], images[5])
