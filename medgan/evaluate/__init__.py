@@ -162,6 +162,13 @@ def evaluate_images(
     else:
         for key in DISTRIBUTION_KEYS:
             nm[key] = f"{n_eval} image(s) per side (synthetic, train, held-out); needs >= 2"
+    if n_eval >= 2 and min(m["precision_real_floor"], m["recall_real_floor"]) == 0:
+        notes.append(
+            f"real held-out images themselves score precision {m['precision_real_floor']:.2g} / recall "
+            f"{m['recall_real_floor']:.2g} against the train split (n={n_eval} per side): the held-out patients lie "
+            "outside the train manifold (another scanner or protocol, or too few images), so the synthetic "
+            "precision/recall/coverage have no real reference to be read against"
+        )
     timings["distribution_s"] = time.perf_counter() - t
 
     # Class fidelity: does the domain classifier see the class that was asked for?

@@ -113,6 +113,21 @@ class EvalResult:
         """One figure as text: its number, or ``not measurable: <reason>``."""
         return describe_value(key, self.metrics, self.not_measurable)
 
+    def _utility_lines(self, utility: Any) -> list[str]:
+        seeds = int(self.metrics.get("classifier_seeds", 1))
+        reasons = {self.not_measurable.get(f"{who}_balanced_accuracy") for who in ("tstr", "trtr", "mixed")}
+        if len(reasons) == 1 and None not in reasons:  # one reason for every classifier: say it once
+            return [f"  classifiers on the real test split: {NOT_MEASURABLE}: {reasons.pop()}"]
+        f = self.value
+        return [
+            f"  classifiers on the real test split, mean ± std over {seeds} seed(s):",
+            f"    TSTR (synthetic)        {utility('tstr')}",
+            f"    TRTR (real)             {utility('trtr')}",
+            f"    real + synthetic        {utility('mixed')}",
+            f"    TSTR/TRTR ratio {f('tstr_trtr_ratio')} (macro AUC ratio {f('tstr_trtr_auc_ratio')}); "
+            f"real+synthetic minus real: balanced acc {f('mixed_trtr_delta')}, macro AUC {f('mixed_trtr_auc_delta')}",
+        ]
+
     def summary(self) -> str:
         m, f = self.metrics, self.value
 
@@ -124,7 +139,6 @@ class EvalResult:
                 out.append(f"{f(key)}{std}")
             return f"balanced acc {out[0]}, macro AUC {out[1]}"
 
-        seeds = int(m.get("classifier_seeds", 1))
         lines = [
             f"Evaluated {self.model_ref or 'synthetic images'}: {int(m['n_synthetic'])} synthetic vs "
             f"{int(m['n_train'])} real train / {int(m['n_val'])} val / {int(m['n_test'])} test images",
@@ -135,13 +149,8 @@ class EvalResult:
             f"{f('recall_real_floor')}); density {f('density')} coverage {f('coverage')}",
             f"  class fidelity {f('class_fidelity')}; within-class MS-SSIM {f('ms_ssim_synthetic')} "
             f"(real {f('ms_ssim_real')})",
-            f"  classifiers on the real test split, mean ± std over {seeds} seed(s):",
-            f"    TSTR (synthetic)        {utility('tstr')}",
-            f"    TRTR (real)             {utility('trtr')}",
-            f"    real + synthetic        {utility('mixed')}",
-            f"    TSTR/TRTR ratio {f('tstr_trtr_ratio')} (macro AUC ratio {f('tstr_trtr_auc_ratio')}); "
-            f"real+synthetic minus real: balanced acc {f('mixed_trtr_delta')}, macro AUC {f('mixed_trtr_auc_delta')}",
-            f"  near copies {f('near_copy_fraction')} (pixel; real val {f('near_copy_fraction_real')}), "
+            *self._utility_lines(utility),
+            f"  near copies {f('near_copy_fraction')} (pixel; real unseen {f('near_copy_fraction_real')}), "
             f"{f('near_copy_fraction_features')} (features); "
             f"NN distance ratio {f('nn_distance_ratio')}",
             "Gates:",

@@ -57,7 +57,7 @@ TABLE: list[tuple[str, str, str | None, str, str]] = [
         "Near-copy fraction (pixel)",
         "near_copy_fraction",
         "near_copy_fraction_real",
-        "NN-to-train < ratio x median test NN; reference: real val images",
+        "NN-to-train < ratio x median test NN; reference: real val (else test) images",
         "n_synthetic",
     ),
     (
@@ -89,6 +89,32 @@ def _spread(m: dict[str, float], not_measurable: dict[str, str], key: str) -> st
     # "mean ± std" over classifier seeds, or the reason it is not measurable.
     text = describe_value(key, m, not_measurable)
     return f"{text} ± {m[key + '_std']:.2g}" if key in m and f"{key}_std" in m else text
+
+
+def _utility_table(m: dict[str, float], not_measurable: dict[str, str]) -> list[str]:
+    lines = [
+        "| trained on -> tested on real test | accuracy | balanced accuracy | macro AUC | n train | n test |",
+        "|---|---|---|---|---|---|",
+    ]
+    n_syn, n_train = int(m["n_synthetic"]), int(m["n_train"])
+    for label, who, n in (
+        ("synthetic (TSTR)", "tstr", n_syn),
+        ("real train (TRTR)", "trtr", n_train),
+        ("real train + synthetic", "mixed", n_train + n_syn),
+    ):
+        cells = " | ".join(
+            _spread(m, not_measurable, f"{who}_{what}") for what in ("accuracy", "balanced_accuracy", "macro_auc")
+        )
+        lines.append(f"| {label} | {cells} | {n} | {int(m['n_test'])} |")
+    return [
+        *lines,
+        "",
+        f"TSTR/TRTR balanced-accuracy ratio: **{_spread(m, not_measurable, 'tstr_trtr_ratio')}**; macro AUC ratio: "
+        f"**{_spread(m, not_measurable, 'tstr_trtr_auc_ratio')}**. Adding the synthetic images to the real train "
+        f"split changes balanced accuracy by **{_spread(m, not_measurable, 'mixed_trtr_delta')}** and macro AUC by "
+        f"**{_spread(m, not_measurable, 'mixed_trtr_auc_delta')}** (paired by seed; > 0: synthetic data helps).",
+        "",
+    ]
 
 
 def sample_figure(
@@ -150,26 +176,13 @@ def markdown(
         f"## Utility (classifier recipe: {details['classifier_recipe']}; {int(m['classifier_steps'])} steps each; "
         f"mean ± std over {int(m['classifier_seeds'])} seeds {details['utility']['seeds']})",
         "",
-        "| trained on -> tested on real test | accuracy | balanced accuracy | macro AUC | n train | n test |",
-        "|---|---|---|---|---|---|",
     ]
-    n_syn, n_train = int(m["n_synthetic"]), int(m["n_train"])
-    for label, who, n in (
-        ("synthetic (TSTR)", "tstr", n_syn),
-        ("real train (TRTR)", "trtr", n_train),
-        ("real train + synthetic", "mixed", n_train + n_syn),
-    ):
-        cells = " | ".join(
-            _spread(m, not_measurable, f"{who}_{what}") for what in ("accuracy", "balanced_accuracy", "macro_auc")
-        )
-        lines.append(f"| {label} | {cells} | {n} | {int(m['n_test'])} |")
+    reasons = {not_measurable.get(f"{who}_balanced_accuracy") for who in ("tstr", "trtr", "mixed")}
+    if len(reasons) == 1 and None not in reasons:  # one reason for every classifier: say it once
+        lines += [f"Not measurable: {reasons.pop()}.", ""]
+    else:
+        lines += _utility_table(m, not_measurable)
     lines += [
-        "",
-        f"TSTR/TRTR balanced-accuracy ratio: **{_spread(m, not_measurable, 'tstr_trtr_ratio')}**; macro AUC ratio: "
-        f"**{_spread(m, not_measurable, 'tstr_trtr_auc_ratio')}**. Adding the synthetic images to the real train "
-        f"split changes balanced accuracy by **{_spread(m, not_measurable, 'mixed_trtr_delta')}** and macro AUC by "
-        f"**{_spread(m, not_measurable, 'mixed_trtr_auc_delta')}** (paired by seed; > 0: synthetic data helps).",
-        "",
         "## Per class",
         "",
         "| class | class fidelity | MS-SSIM synthetic | MS-SSIM real | near copies (pixel) |",

@@ -26,6 +26,7 @@ FAST = [
     "eval.diversity_pairs=4",
     "eval.kid_subsets=3",
     "eval.classifier_min_steps=0",
+    "eval.seeds=1",  # the spread over seeds is tested in test_eval_images
     "model.z_dim=16",
     "model.width=4",
     "model.g_max_channels=16",
