@@ -132,6 +132,8 @@ class ExportConfig:
     spacing_mm: float = 0.0  # in-plane pixel spacing for NIfTI/DICOM; 0 = the training data's when known, else 1.0
     device: str = "auto"  # auto | cpu | cuda | cuda:N (auto: CUDA when available); pixels are identical per device
     workers: int = 0  # threads encoding and writing files; 0 = min(8, cores)
+    min_class_confidence: float = 0.0  # > 0: keep samples the domain classifier gives >= this probability of its class
+    max_draws_per_class: int = 0  # the filter draws at most this many images per class; 0 = 20 x n_per_class
 
 
 @dataclass

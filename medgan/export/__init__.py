@@ -40,6 +40,7 @@ from medgan.io import atomic_dir, atomic_write_json, atomic_write_text
 from medgan.sampling import SEED_STRIDE, image_seed  # the one seed rule, shared with medgan evaluate
 
 if TYPE_CHECKING:
+    from medgan.export.confidence import ConfidenceFilter
     from medgan.models.generator import LoadedGenerator
 
 __all__ = ["ExportResult", "export_dataset", "image_seed", "read_image", "run_export", "SEED_STRIDE"]
@@ -75,11 +76,14 @@ class ExportResult:
         return self.n_images / self.seconds if self.seconds > 0 else float("inf")
 
     def summary(self) -> str:
+        from medgan.export.manifests import filter_lines
+
         gen = self.meta.get("generator", {})
         lines = [
             f"exported {self.n_images} SYNTHETIC images ({self.format}) to {self.out}",
             "  per class: " + ", ".join(f"{k}={v}" for k, v in self.counts.items()),
             f"  model: {gen.get('model_uri') or gen.get('checkpoint') or 'unknown'}",
+            *filter_lines(self.meta.get("export", {}).get("class_confidence_filter")),
             f"  {self.seconds:.1f} s ({self.images_per_s:.1f} images/s, generator {self.generate_seconds:.1f} s "
             f"on {self.device})",
             f"  read with: SliceDataset.open({str(self.out)!r}) or monai.data.load_decathlon_datalist"
@@ -89,7 +93,13 @@ class ExportResult:
 
 
 def run_export(
-    cfg: Config, model_ref: str, out: Path, *, classes: list[str] | None = None, force: bool = False
+    cfg: Config,
+    model_ref: str,
+    out: Path,
+    *,
+    classes: list[str] | None = None,
+    force: bool = False,
+    data: Path | None = None,
 ) -> ExportResult:
     """Export a synthetic dataset from a registered model, a run or a checkpoint (what ``medgan export`` runs).
 
@@ -100,6 +110,8 @@ def run_export(
         out: the folder to create.
         classes: class names to export (default: all the model's classes).
         force: replace a non-empty `out`.
+        data: the real slice dataset the generator learned from; needed by ``export.min_class_confidence`` (its
+            train split trains the domain classifier that judges each sample, `medgan.export.confidence`).
 
     Returns:
         The `ExportResult`.
@@ -116,7 +128,12 @@ def run_export(
 
     loaded = load_generator(model_ref, cfg.track.tracking_uri)
     loaded.info.setdefault("model_ref", model_ref)
-    return export_dataset(loaded, cfg, Path(out), classes=classes, force=force, progress=True)
+    confidence = None
+    if cfg.export.min_class_confidence:
+        from medgan.export.confidence import domain_filter
+
+        confidence = domain_filter(cfg, loaded, data)
+    return export_dataset(loaded, cfg, Path(out), classes=classes, force=force, progress=True, confidence=confidence)
 
 
 def _check_options(cfg: Config) -> None:
@@ -198,6 +215,7 @@ def export_dataset(
     classes: list[str] | None = None,
     force: bool = False,
     progress: bool = True,
+    confidence: ConfidenceFilter | None = None,
 ) -> ExportResult:
     """Generate `cfg.export.n_per_class` images per class and write them as an export folder (see module docstring).
 
@@ -209,6 +227,7 @@ def export_dataset(
         classes: class names to export (default: all); labels keep the model's indices.
         force: replace a non-empty `out`.
         progress: show a tqdm bar.
+        confidence: keep only samples this filter accepts (``--min-class-confidence``), drawing more seeds per class.
 
     Returns:
         The `ExportResult`.
@@ -271,6 +290,13 @@ def export_dataset(
     # A stale partial from an interrupted export is not resumable (the plan may differ): start clean.
     shutil.rmtree(out.with_name(out.name + ".partial"), ignore_errors=True)
     G = loaded.G if device == "cpu" else copy.deepcopy(loaded.G).to(device)
+    accepted, confidences, filter_record = None, None, None
+    if confidence is not None:  # the filter picks each class's seeds, and has drawn their images already
+        from medgan.export.confidence import draw_confident
+
+        accepted, plan_seeds, confidences, filter_record = draw_confident(
+            G, loaded.classes, labels_wanted, e.n_per_class, e.seed, confidence, device, e.batch_size
+        )
     # cuDNN: no autotuning and deterministic kernels, so a rerun on the same GPU gives the same bits.
     cudnn_det = torch.backends.cudnn.flags(enabled=True, benchmark=False, deterministic=True, allow_tf32=False)
     workers = e.workers or min(8, os.cpu_count() or 1)
@@ -293,7 +319,11 @@ def export_dataset(
                       for c0 in range(0, n, e.n_per_class) for i in range(0, e.n_per_class, e.batch_size)]  # fmt: skip
             for start, stop in starts:
                 tg = time.perf_counter()
-                images = generate(G, plan_labels[start:stop], plan_seeds[start:stop], device, e.batch_size)
+                images = (
+                    accepted[start:stop]
+                    if accepted is not None
+                    else generate(G, plan_labels[start:stop], plan_seeds[start:stop], device, e.batch_size)
+                )
                 gen_s += time.perf_counter() - tg
                 assert images.shape == (stop - start, 1, RESOLUTION, RESOLUTION), images.shape
                 stage[start:stop] = images
@@ -338,6 +368,7 @@ def export_dataset(
             "spacing_source": spacing_source,
             "dicom_study_uid": study_uid or None,
             "dicom_series_uids": {loaded.classes[c]: s.series_uid for c, s in series.items()} or None,
+            "class_confidence_filter": filter_record,
         }
         meta = {
             "name": out.name,
@@ -360,9 +391,12 @@ def export_dataset(
         staging.unlink()
 
         labels_list, seeds_list = plan_labels.tolist(), plan_seeds.tolist()
-        atomic_write_text(tmp / "manifest.csv", manifests.manifest_csv(loaded.classes, files, labels_list, seeds_list))
+        conf = confidences.tolist() if confidences is not None else None
+        atomic_write_text(
+            tmp / "manifest.csv", manifests.manifest_csv(loaded.classes, files, labels_list, seeds_list, conf)
+        )
         atomic_write_json(
-            tmp / "datalist.json", manifests.datalist(out.name, loaded.classes, files, labels_list, seeds_list)
+            tmp / "datalist.json", manifests.datalist(out.name, loaded.classes, files, labels_list, seeds_list, conf)
         )
         atomic_write_text(tmp / "README.md", manifests.readme(ds_meta))
 
