@@ -26,6 +26,7 @@ from medgan.evaluate import metrics as M
 from medgan.evaluate.features import Recipe, predict, real_classifier
 from medgan.evaluate.gates import NOT_MEASURABLE, EvalResult, GateResult, check_gates
 from medgan.evaluate.gates import describe_value as describe_figure
+from medgan.evaluate.memorization import measure_memorization
 from medgan.evaluate.report import pairs_figure, sample_figure, write_report
 from medgan.evaluate.utility import KEYS as UTILITY_KEYS
 from medgan.evaluate.utility import classifier_seeds, measure_utility
@@ -33,7 +34,6 @@ from medgan.evaluate.utility import classifier_seeds, measure_utility
 if TYPE_CHECKING:
     from medgan.ingest.store import SliceDataset
 
-PIXEL_SIDE = 64  # memorization pixel space: 128 px slices area-averaged to 64 px (4096-d), robust to pixel noise
 DISTRIBUTION_KEYS = (
     *("fd", "fd_real_floor", "kid_x1000", "kid_std_x1000", "kid_real_floor_x1000", "precision", "recall"),
     *("precision_real_floor", "recall_real_floor", "density", "coverage", "density_real_floor", "coverage_real_floor"),
@@ -235,28 +235,16 @@ def evaluate_images(
 
     # Memorization: nearest train image of every synthetic image vs how close real unseen (test) images come.
     t = time.perf_counter()
-    px_train = M.pixel_vectors(train_x, PIXEL_SIDE)
-    d_syn, j_syn = M.nearest_neighbours(M.pixel_vectors(synthetic_images, PIXEL_SIDE), px_train)
-    d_test, _ = M.nearest_neighbours(M.pixel_vectors(test_x, PIXEL_SIDE), px_train)
-    copies, threshold = M.near_copies(d_syn, d_test, ev.near_copy_ratio)
-    fd_syn, _ = M.nearest_neighbours(f_syn, f_train)
-    fd_test, _ = M.nearest_neighbours(f_test, f_train)
-    copies_f, _ = M.near_copies(fd_syn, fd_test, ev.near_copy_ratio)
-    m["near_copy_fraction"], m["near_copy_fraction_features"] = float(copies.mean()), float(copies_f.mean())
-    # Base rate: real images the generator never saw (val, else test) under the same threshold. Above zero, the
-    # dataset itself holds near-duplicates across splits (same patient, re-encoded copies).
-    unseen = dataset.images[val_idx] if len(val_idx) else test_x
-    d_unseen, _ = M.nearest_neighbours(M.pixel_vectors(unseen, PIXEL_SIDE), px_train)
-    m["near_copy_fraction_real"] = float((d_unseen < threshold).mean())
+    unseen = ("val", dataset.images[val_idx]) if len(val_idx) else ("test", test_x)
+    mm, mem = measure_memorization(train_x, test_x, unseen, synthetic_images, (f_train, f_test, f_syn), ev)
+    m.update(mm)
     if m["near_copy_fraction_real"] > ev.gate_max_near_copy_fraction:
         notes.append(
-            f"{m['near_copy_fraction_real']:.1%} of real {'val' if len(val_idx) else 'test'} images are near copies "
+            f"{m['near_copy_fraction_real']:.1%} of real {unseen[0]} images are near copies "
             "of a train image under the same rule: the splits share near-duplicates (deduplicate before splitting), "
             "and even an ideal generator would exceed the near-copy gate; compare the synthetic fraction with it",
         )
-    m["nn_distance_ratio"] = float(np.median(d_syn) / max(np.median(d_test), 1e-12))
-    m["nn_distance_ratio_features"] = float(np.median(fd_syn) / max(np.median(fd_test), 1e-12))
-    closest = np.argsort(d_syn, kind="stable")[: ev.n_figure_pairs]
+    copies, j_syn, closest, d_syn = (mem.pop(k) for k in ("copies", "nearest_train", "closest", "d_syn"))
     timings["memorization_s"] = time.perf_counter() - t
 
     m = {k: float(v) for k, v in m.items()}
@@ -281,11 +269,7 @@ def evaluate_images(
             for i, c in enumerate(dataset.classes)
         ],
         "memorization": {
-            "pixel_side": PIXEL_SIDE,
-            "ratio": ev.near_copy_ratio,
-            "threshold_pixel": threshold,
-            "test_median_pixel": float(np.median(d_test)),
-            "synthetic_median_pixel": float(np.median(d_syn)),
+            **mem,
             "closest_pairs": [
                 {"synthetic": int(s), "train_row": int(train_idx[j_syn[s]]), "distance": float(d_syn[s])}
                 for s in closest
