@@ -253,18 +253,41 @@ def evaluate(model_ref, data, n_per_class, out, promote, tracking_uri, config_fi
 @click.option(
     "--force", is_flag=True, help="Replace an earlier medgan export at --out (never a real dataset or other files)."
 )
+@click.option(
+    "--min-class-confidence",
+    type=float,
+    default=None,
+    help="Keep only samples the domain classifier (trained on --data's real train split) assigns to their class with "
+    "probability >= P; more seeds are drawn until each class has its count (export.max_draws_per_class bounds them).",
+)
+@click.option(
+    "--data",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="The real slice dataset the generator learned from (needed by --min-class-confidence).",
+)
 @click.option("--tracking-uri", default=None)
 @config_options
-def export(model_ref, out, n_per_class, fmt, seed, classes, force, tracking_uri, config_files, sets, dry_run) -> None:
+def export(
+    model_ref, out, n_per_class, fmt, seed, classes, force, min_class_confidence, data, tracking_uri, config_files,
+    sets, dry_run,
+) -> None:  # fmt: skip
     """Generate a synthetic dataset (slice-dataset format + images + MONAI datalist) from a generator."""
-    cfg = _config(config_files, sets, {"export.n_per_class": n_per_class, "export.format": fmt, "export.seed": seed})
+    cfg = _config(
+        config_files,
+        sets,
+        {"export.n_per_class": n_per_class, "export.format": fmt, "export.seed": seed,
+         "export.min_class_confidence": min_class_confidence},
+    )  # fmt: skip
     _tracking_uri(tracking_uri, cfg)
     if dry_run:
         return _dry_run(cfg)
     from medgan.export import run_export
 
     try:
-        result = run_export(cfg, model_ref, out, classes=classes.split(",") if classes else None, force=force)
+        result = run_export(
+            cfg, model_ref, out, classes=classes.split(",") if classes else None, force=force, data=data
+        )
     except (ValueError, FileNotFoundError, FileExistsError, RuntimeError) as e:
         _fail(e)
     click.echo(result.summary())

@@ -119,10 +119,14 @@ class EvalConfig:
     feature_epochs: int = 15  # domain classifier training budget
     classifier_epochs: int = 15  # TSTR / TRTR classifier budget
     near_copy_ratio: float = 0.5  # synthetic-to-train NN distance below this x the test-to-train median = near copy
-    gate_min_tstr_ratio: float = 0.7  # --promote gate: TSTR/TRTR balanced accuracy
-    gate_max_near_copy_fraction: float = 0.01  # --promote gate
-    gate_min_class_fidelity: float = 0.0  # --promote gate
-    seed: int = 0
+    # --promote gates; a figure that is not measurable (e.g. a one-class test split) fails its gate.
+    gate_min_tstr_ratio: float = 0.7  # TSTR/TRTR balanced accuracy: synthetic data keeps >= 70% of real data's use
+    gate_max_near_copy_fraction: float = 0.01  # at most 1 in 100 synthetic images a near copy of a train image
+    gate_min_class_fidelity: float = 0.7  # asked class recognised; well above chance (1/n_classes <= 0.5)
+    gate_min_recall: float = 0.1  # real train images inside the synthetic manifold; ~0 = collapse onto a corner
+    seed: int = 0  # sample seeds (the export's seed rule) and the first classifier seed
+    batch_size: int = 256  # generator batch; equal to export.batch_size, evaluated images equal exported ones
+    seeds: int = 3  # classifier seeds eval.seed .. eval.seed + seeds - 1: TSTR/TRTR/real+synthetic as mean ± std
     cache_dir: str = ""  # domain networks cached in <cache_dir>/features; "" = ~/.cache/medgan
     diversity_pairs: int = 50  # random same-class pairs per class for within-class MS-SSIM
     kid_subsets: int = 50  # random subsets averaged by KID (subset size = min(1000, both set sizes))
@@ -146,6 +150,8 @@ class ExportConfig:
     # kernels round float32 differently, so another device can differ by a grey level (benchmarks/README.md).
     device: str = "auto"
     workers: int = 0  # threads encoding and writing files; 0 = min(8, cores)
+    min_class_confidence: float = 0.0  # > 0: keep samples the domain classifier gives >= this probability of its class
+    max_draws_per_class: int = 0  # the filter draws at most this many images per class; 0 = 20 x n_per_class
 
     def __post_init__(self) -> None:
         _check_section("export", self)

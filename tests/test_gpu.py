@@ -16,8 +16,8 @@ import torch
 
 from medgan.config import Config, ModelConfig, TrainConfig
 from medgan.data import DeviceFeeder
-from medgan.export import export_dataset, read_image
 from medgan.dataset import SliceDataset, write_dataset
+from medgan.export import export_dataset, read_image
 from medgan.models.discriminator import Discriminator
 from medgan.models.generator import CondBatchNorm, Generator, LoadedGenerator
 from medgan.train import dist

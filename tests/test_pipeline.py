@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -66,6 +67,11 @@ def test_demo_pipeline_end_to_end(tmp_path):
     flat = json.dumps(metrics)
     for key in ("fd", "class_fidelity", "tstr", "near_copy"):
         assert key in flat, f"{key} missing from {reports[0]}"
+    # Two patients cannot give every split every class: what cannot be measured says why, nothing prints nan.
+    summary = out[out.index("Evaluated ") : out.index("Report: ")]
+    assert "not measurable: the test split has one class (liver)" in summary and "there is no val split" in summary
+    assert re.search(r"\bnan\b", summary + flat, re.IGNORECASE) is None, summary
+    assert metrics["metrics"]["class_fidelity"] >= 0 and metrics["metrics"]["fd"] > 0
 
     # Export: a synthetic slice dataset that reads like real data, 16 per class, PNGs and a datalist.
     syn = SliceDataset.open(tmp_path / "synthetic" / "sample")

@@ -23,15 +23,21 @@ import numpy as np
 
 from medgan.config import Config
 from medgan.evaluate import metrics as M
-from medgan.evaluate.features import Recipe, fit_classifier, predict, real_classifier
-from medgan.evaluate.gates import EvalResult, GateResult, check_gates
+from medgan.evaluate.features import Recipe, predict, real_classifier
+from medgan.evaluate.gates import NOT_MEASURABLE, EvalResult, GateResult, check_gates
+from medgan.evaluate.gates import describe_value as describe_figure
+from medgan.evaluate.memorization import measure_memorization
 from medgan.evaluate.report import pairs_figure, sample_figure, write_report
+from medgan.evaluate.utility import KEYS as UTILITY_KEYS
+from medgan.evaluate.utility import classifier_seeds, measure_utility
 
 if TYPE_CHECKING:
     from medgan.dataset import SliceDataset
 
-PIXEL_SIDE = 64  # memorization pixel space: 128 px slices area-averaged to 64 px (4096-d), robust to pixel noise
-SEED_STRIDE = 1_000_003  # synthetic image i of class c uses seed eval.seed * SEED_STRIDE + c * n_per_class + i
+DISTRIBUTION_KEYS = (
+    *("fd", "fd_real_floor", "kid_x1000", "kid_std_x1000", "kid_real_floor_x1000", "precision", "recall"),
+    *("precision_real_floor", "recall_real_floor", "density", "coverage", "density_real_floor", "coverage_real_floor"),
+)
 
 __all__ = ["EvalResult", "GateResult", "check_gates", "evaluate_generator", "evaluate_images", "run_evaluate"]
 
@@ -119,6 +125,17 @@ def evaluate_images(
     f_train, f_val, f_test, f_syn = (f / scale for f in (f_train, f_val, f_test, f_syn))
     f_heldout = np.concatenate([f_val, f_test])
     timings["features_s"] = time.perf_counter() - t
+    # What each split can measure: a classifier score needs >= 2 classes among the images it is scored on.
+    nm: dict[str, str] = {}  # figure -> why it is not measurable
+    why_test = _one_class_reason("test", y_test, dataset.classes)
+    why_val = _one_class_reason("val", labels[val_idx], dataset.classes) if len(val_idx) else "there is no val split"
+    why_classes = f"the dataset has one class ({dataset.classes[0]}): any classifier recognises it" if C < 2 else ""
+    notes = list(notes or [])
+    if why_classes:
+        notes.append(
+            "with one class the domain network learns nothing (its loss is zero), so FD, KID, precision/recall and "
+            "density/coverage compare images in the features of an untrained network"
+        )
 
     # Fidelity and coverage at equal sample counts (FD and k-NN metrics depend on n); KID is unbiased, uses subsets.
     t = time.perf_counter()
@@ -133,124 +150,166 @@ def evaluate_images(
         "n_heldout": len(heldout_idx),
         "n_eval": n_eval,
     }
-    m["fd"], m["fd_real_floor"] = M.frechet_distance(syn_s, ref), M.frechet_distance(held_s, ref)
-    kid, kid_std, m["kid_subset_size"] = M.kernel_inception_distance(f_syn, f_train, ev.kid_subsets, seed=ev.seed)
-    kid_floor, _, _ = M.kernel_inception_distance(f_heldout, f_train, ev.kid_subsets, seed=ev.seed)
-    m.update(kid_x1000=1000 * kid, kid_std_x1000=1000 * kid_std, kid_real_floor_x1000=1000 * kid_floor)
-    m["precision"], m["recall"] = M.precision_recall(ref, syn_s, k=3)
-    m["precision_real_floor"], m["recall_real_floor"] = M.precision_recall(ref, held_s, k=3)
-    m["density"], m["coverage"] = M.density_coverage(ref, syn_s, k=5)
-    m["density_real_floor"], m["coverage_real_floor"] = M.density_coverage(ref, held_s, k=5)
+    if n_eval >= 2:
+        m["fd"], m["fd_real_floor"] = M.frechet_distance(syn_s, ref), M.frechet_distance(held_s, ref)
+        kid, kid_std, m["kid_subset_size"] = M.kernel_inception_distance(f_syn, f_train, ev.kid_subsets, seed=ev.seed)
+        kid_floor, _, _ = M.kernel_inception_distance(f_heldout, f_train, ev.kid_subsets, seed=ev.seed)
+        m.update(kid_x1000=1000 * kid, kid_std_x1000=1000 * kid_std, kid_real_floor_x1000=1000 * kid_floor)
+        m["precision"], m["recall"] = M.precision_recall(ref, syn_s, k=3)
+        m["precision_real_floor"], m["recall_real_floor"] = M.precision_recall(ref, held_s, k=3)
+        m["density"], m["coverage"] = M.density_coverage(ref, syn_s, k=5)
+        m["density_real_floor"], m["coverage_real_floor"] = M.density_coverage(ref, held_s, k=5)
+    else:
+        for key in DISTRIBUTION_KEYS:
+            nm[key] = f"{n_eval} image(s) per side (synthetic, train, held-out); needs >= 2"
+    if n_eval >= 2 and min(m["precision_real_floor"], m["recall_real_floor"]) == 0:
+        notes.append(
+            f"real held-out images themselves score precision {m['precision_real_floor']:.2g} / recall "
+            f"{m['recall_real_floor']:.2g} against the train split (n={n_eval} per side): the held-out patients lie "
+            "outside the train manifold (another scanner or protocol, or too few images), so the synthetic "
+            "precision/recall/coverage have no real reference to be read against"
+        )
     timings["distribution_s"] = time.perf_counter() - t
 
     # Class fidelity: does the domain classifier see the class that was asked for?
-    m["class_fidelity"], fidelity = M.per_class_accuracy(p_syn.argmax(1), labels_syn, C)
-    m["domain_val_accuracy"] = dinfo["val_accuracy"]
-    m["domain_test_accuracy"] = float((p_test.argmax(1) == y_test).mean())
+    class_fidelity, fidelity = M.per_class_accuracy(p_syn.argmax(1), labels_syn, C)
+    if why_classes:
+        nm["class_fidelity"] = why_classes
+    else:
+        m["class_fidelity"] = class_fidelity
     for name, v in zip(dataset.classes, fidelity, strict=True):
-        m[f"class_fidelity.{name}"] = v
+        key = f"class_fidelity.{name}"
+        if why_classes:
+            nm[key] = why_classes
+        elif np.isnan(v):
+            nm[key] = f"no synthetic image of class {name}"
+        else:
+            m[key] = v
+    if why_val:
+        nm["domain_val_accuracy"] = why_val
+    else:
+        m["domain_val_accuracy"] = dinfo["val_accuracy"]
+    if why_test:
+        nm["domain_test_accuracy"] = why_test
+    else:
+        m["domain_test_accuracy"] = float((p_test.argmax(1) == y_test).mean())
 
-    # Utility: TRTR (cached, = the domain network when budgets match) and TSTR with the same recipe and step count.
+    # Utility: TSTR, TRTR and real+synthetic, the same recipe and step count, mean ± std over eval.seeds seeds.
     t = time.perf_counter()
-    trtr, tinfo = (domain, dinfo) if cls_recipe == feat_recipe else real_classifier(dataset, cls_recipe, cache_dir)
-    tstr = fit_classifier(synthetic_images, labels_syn, C, cls_recipe, steps=tinfo["steps"])
-    m["classifier_steps"] = tinfo["steps"]
-    scores = {
-        "trtr": M.classification_scores(y_test, p_test if trtr is domain else predict(trtr, test_x)[0]),
-        "tstr": M.classification_scores(y_test, predict(tstr, test_x)[0]),
-    }
-    for who, s in scores.items():
-        m.update({f"{who}_{k}": v for k, v in s.items()})
-    m["tstr_trtr_ratio"] = (
-        m["tstr_balanced_accuracy"] / m["trtr_balanced_accuracy"] if m["trtr_balanced_accuracy"] > 0 else float("nan")
-    )
+    seeds = classifier_seeds(ev.seed, ev.seeds)
+    utility_details: dict = {"seeds": seeds}
+    if why_test:
+        m["classifier_steps"] = cls_recipe.steps(len(train_idx))
+        nm.update({key: why_test for key in UTILITY_KEYS})
+    else:
+        um, unm, utility_details = measure_utility(
+            dataset,
+            (train_x, y_train),
+            (test_x, y_test),
+            (synthetic_images, labels_syn),
+            cls_recipe,
+            seeds,
+            cache_dir,
+            reuse=(feat_recipe, domain, dinfo),
+        )
+        m.update(um)
+        nm.update(unm)
+    m["classifier_seeds"] = len(seeds)
     timings["utility_s"] = time.perf_counter() - t
 
     # Diversity: within-class MS-SSIM of synthetic pairs next to real train pairs.
     t = time.perf_counter()
     ms_syn, m["ms_ssim_pairs"] = M.within_class_ms_ssim(synthetic_images, labels_syn, C, ev.diversity_pairs, ev.seed)
     ms_real, _ = M.within_class_ms_ssim(train_x, y_train, C, ev.diversity_pairs, ev.seed)
-    m["ms_ssim_synthetic"], m["ms_ssim_real"] = float(np.nanmean(ms_syn)), float(np.nanmean(ms_real))
+    for key, values, who in (("ms_ssim_synthetic", ms_syn, "synthetic"), ("ms_ssim_real", ms_real, "real train")):
+        if np.isnan(values).all():
+            nm[key] = f"no class has 2 {who} images to pair"
+        else:
+            m[key] = float(np.nanmean(values))
     for name, v in zip(dataset.classes, ms_syn, strict=True):
-        m[f"ms_ssim_synthetic.{name}"] = v
+        if np.isnan(v):
+            nm[f"ms_ssim_synthetic.{name}"] = f"fewer than 2 synthetic images of class {name}"
+        else:
+            m[f"ms_ssim_synthetic.{name}"] = v
     timings["diversity_s"] = time.perf_counter() - t
 
     # Memorization: nearest train image of every synthetic image vs how close real unseen (test) images come.
     t = time.perf_counter()
-    px_train = M.pixel_vectors(train_x, PIXEL_SIDE)
-    d_syn, j_syn = M.nearest_neighbours(M.pixel_vectors(synthetic_images, PIXEL_SIDE), px_train)
-    d_test, _ = M.nearest_neighbours(M.pixel_vectors(test_x, PIXEL_SIDE), px_train)
-    copies, threshold = M.near_copies(d_syn, d_test, ev.near_copy_ratio)
-    fd_syn, _ = M.nearest_neighbours(f_syn, f_train)
-    fd_test, _ = M.nearest_neighbours(f_test, f_train)
-    copies_f, _ = M.near_copies(fd_syn, fd_test, ev.near_copy_ratio)
-    m["near_copy_fraction"], m["near_copy_fraction_features"] = float(copies.mean()), float(copies_f.mean())
-    # Base rate: real images the generator never saw (val, else test) under the same threshold. Above zero, the
-    # dataset itself holds near-duplicates across splits (same patient, re-encoded copies).
-    unseen = dataset.images[val_idx] if len(val_idx) else test_x
-    d_unseen, _ = M.nearest_neighbours(M.pixel_vectors(unseen, PIXEL_SIDE), px_train)
-    m["near_copy_fraction_real"] = float((d_unseen < threshold).mean())
+    unseen = ("val", dataset.images[val_idx]) if len(val_idx) else ("test", test_x)
+    mm, mem = measure_memorization(train_x, test_x, unseen, synthetic_images, (f_train, f_test, f_syn), ev)
+    m.update(mm)
     if m["near_copy_fraction_real"] > ev.gate_max_near_copy_fraction:
-        notes = [
-            *(notes or []),
-            f"{m['near_copy_fraction_real']:.1%} of real {'val' if len(val_idx) else 'test'} images are near copies "
+        notes.append(
+            f"{m['near_copy_fraction_real']:.1%} of real {unseen[0]} images are near copies "
             "of a train image under the same rule: the splits share near-duplicates (deduplicate before splitting), "
             "and even an ideal generator would exceed the near-copy gate; compare the synthetic fraction with it",
-        ]
-    m["nn_distance_ratio"] = float(np.median(d_syn) / max(np.median(d_test), 1e-12))
-    m["nn_distance_ratio_features"] = float(np.median(fd_syn) / max(np.median(fd_test), 1e-12))
-    closest = np.argsort(d_syn, kind="stable")[: ev.n_figure_pairs]
+        )
+    copies, j_syn, closest, d_syn = (mem.pop(k) for k in ("copies", "nearest_train", "closest", "d_syn"))
     timings["memorization_s"] = time.perf_counter() - t
 
     m = {k: float(v) for k, v in m.items()}
-    gates = check_gates(m, ev)
+    gates = check_gates(m, ev, nm)
     counts = np.bincount(labels_syn, minlength=C)
     details = {
         "classes": dataset.classes,
         "dataset": {"path": str(dataset.path), "content_hash": dataset.content_hash},
         "n_per_class_text": ", ".join(f"{n} {c}" for c, n in zip(dataset.classes, counts, strict=True)),
         "domain_network": dict(dinfo),
-        "classifier_recipe": ", ".join(f"{k}={v}" for k, v in asdict(cls_recipe).items()),
+        "classifier_recipe": ", ".join(f"{k}={v}" for k, v in asdict(cls_recipe).items() if k != "seed"),
+        "utility": utility_details,
         "per_class": [
             {
                 "class": c,
-                "class_fidelity": fidelity[i],
-                "ms_ssim_synthetic": ms_syn[i],
-                "ms_ssim_real": ms_real[i],
+                "class_fidelity": describe_figure(f"class_fidelity.{c}", m, nm),
+                "ms_ssim_synthetic": describe_figure(f"ms_ssim_synthetic.{c}", m, nm),
+                "ms_ssim_real": ms_real[i] if not np.isnan(ms_real[i]) else f"{NOT_MEASURABLE}: fewer than 2 images",
                 "near_copies": int(copies[labels_syn == i].sum()),
                 "n_synthetic": int(counts[i]),
             }
             for i, c in enumerate(dataset.classes)
         ],
         "memorization": {
-            "pixel_side": PIXEL_SIDE,
-            "ratio": ev.near_copy_ratio,
-            "threshold_pixel": threshold,
-            "test_median_pixel": float(np.median(d_test)),
-            "synthetic_median_pixel": float(np.median(d_syn)),
+            **mem,
             "closest_pairs": [
                 {"synthetic": int(s), "train_row": int(train_idx[j_syn[s]]), "distance": float(d_syn[s])}
                 for s in closest
             ],
         },
         "seconds": {k: round(v, 2) for k, v in timings.items()},
-        "notes": list(notes or []),
+        "notes": notes,
     }
     figures = {
         "samples.png": sample_figure(synthetic_images, labels_syn, train_x, y_train, C),
         "nearest_pairs.png": pairs_figure(synthetic_images, train_x, [(int(s), int(j_syn[s])) for s in closest]),
     }
-    out_dir = write_report(out_dir, title, m, gates, details, figures)
+    out_dir = write_report(out_dir, title, m, nm, gates, details, figures)
     # The domain network travels with the report (and so into the MLflow evaluation run).
     shutil.copyfile(dinfo["cache_path"], out_dir / "domain_network.pt")
-    return EvalResult(metrics=m, gates=gates, report_dir=out_dir, notes=list(notes or []))
+    return EvalResult(metrics=m, gates=gates, report_dir=out_dir, not_measurable=nm, notes=notes)
 
 
-def synthetic_labels_and_seeds(num_classes: int, n_per_class: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """The (label, seed) pairs evaluation samples: `n_per_class` per class; seed = f(eval.seed, class, i)."""
-    labels = np.repeat(np.arange(num_classes), n_per_class)
-    seeds = seed * SEED_STRIDE + np.arange(num_classes * n_per_class)
-    return labels, seeds
+def _one_class_reason(split: str, labels: np.ndarray, classes: list[str]) -> str:
+    present = [classes[i] for i in np.unique(labels)]
+    if len(present) >= 2:
+        return ""
+    what = f"one class ({present[0]})" if present else "no images"
+    return f"the {split} split has {what}: a classifier that always answers it would score 1"
+
+
+def sample_for_evaluation(loaded: Any, cfg: Config) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The images evaluation scores: ``eval.n_per_class`` per class under the seed rule of `medgan.sampling`.
+
+    Image ``index`` of class ``label`` uses seed ``eval.seed + label * 1_000_000 + index`` in class-pure batches of
+    ``eval.batch_size``: the image `medgan export` writes for that (class, index) with ``export.seed = eval.seed`` and
+    the same batch size.
+
+    Returns:
+        (images float32 [C * n, 1, 128, 128], labels int64, seeds int64), class-major.
+    """
+    from medgan.sampling import sample_classes
+
+    ev = cfg.eval
+    return sample_classes(loaded.G, range(len(loaded.classes)), ev.n_per_class, ev.seed, "cpu", ev.batch_size)
 
 
 def evaluate_generator(
@@ -268,17 +327,18 @@ def evaluate_generator(
     Raises:
         ValueError: the generator's classes differ from the dataset's.
     """
-    from medgan.models.generator import generate
-
     if list(loaded.classes) != dataset.classes:
         raise ValueError(
             f"the generator knows classes {loaded.classes} but {dataset.path} has {dataset.classes}; evaluate "
             "against the dataset it was trained on"
         )
-    labels, seeds = synthetic_labels_and_seeds(len(dataset.classes), cfg.eval.n_per_class, cfg.eval.seed)
     t = time.perf_counter()
-    images = generate(loaded.G, labels, seeds)
-    notes = [f"{len(images)} images generated in {time.perf_counter() - t:.1f} s (seeds {seeds[0]}..{seeds[-1]})"]
+    images, labels, seeds = sample_for_evaluation(loaded, cfg)
+    notes = [
+        f"{len(images)} images generated in {time.perf_counter() - t:.1f} s: image i of class c from seed "
+        f"{cfg.eval.seed} + c * 1000000 + i (batches of {cfg.eval.batch_size}), the images `medgan export "
+        f"--seed {cfg.eval.seed} --set export.batch_size={cfg.eval.batch_size}` writes"
+    ]
     if loaded.info.get("dataset_hash") and loaded.info["dataset_hash"] != dataset.content_hash:
         notes.append(
             f"the generator was trained on dataset {str(loaded.info['dataset_hash'])[:12]} but evaluated against "
@@ -400,7 +460,9 @@ def run_evaluate(
             set_alias(cfg.track.tracking_uri, name, version, "champion")
             result.promoted = True
         elif promote:
-            failed = ", ".join(g.name for g in result.gates if not g.passed)
+            failed = ", ".join(
+                g.name + (f" (not measurable: {g.reason})" if g.reason else "") for g in result.gates if not g.passed
+            )
             result.notes.append(f"not promoted: gate(s) failed: {failed}; 'champion' is unchanged")
     else:
         result.notes.append("a checkpoint without a registered version or tracked run: nothing logged to MLflow")

@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from medgan.evaluate.gates import NOT_MEASURABLE, describe_value
 from medgan.io import atomic_write_json, atomic_write_text
 from medgan.viz import image_grid, save_png
 
@@ -42,7 +43,7 @@ TABLE: list[tuple[str, str, str | None, str, str]] = [
         "Class fidelity",
         "class_fidelity",
         "domain_test_accuracy",
-        "domain classifier recognises the asked class",
+        "domain classifier recognises the asked class; reference: its real test accuracy",
         "n_synthetic",
     ),
     (
@@ -56,7 +57,7 @@ TABLE: list[tuple[str, str, str | None, str, str]] = [
         "Near-copy fraction (pixel)",
         "near_copy_fraction",
         "near_copy_fraction_real",
-        "NN-to-train < ratio x median test NN; reference: real val images",
+        "NN-to-train < ratio x median test NN; reference: real val (else test) images",
         "n_synthetic",
     ),
     (
@@ -80,10 +81,40 @@ def _fmt(v: Any) -> str:
     if v is None:
         return "-"
     if isinstance(v, float):
-        if math.isnan(v):
-            return "n/a"
-        return f"{v:.4g}"
+        return f"{v:.4g}" if math.isfinite(v) else "not measurable"
     return str(v)
+
+
+def _spread(m: dict[str, float], not_measurable: dict[str, str], key: str) -> str:
+    # "mean ± std" over classifier seeds, or the reason it is not measurable.
+    text = describe_value(key, m, not_measurable)
+    return f"{text} ± {m[key + '_std']:.2g}" if key in m and f"{key}_std" in m else text
+
+
+def _utility_table(m: dict[str, float], not_measurable: dict[str, str]) -> list[str]:
+    lines = [
+        "| trained on -> tested on real test | accuracy | balanced accuracy | macro AUC | n train | n test |",
+        "|---|---|---|---|---|---|",
+    ]
+    n_syn, n_train = int(m["n_synthetic"]), int(m["n_train"])
+    for label, who, n in (
+        ("synthetic (TSTR)", "tstr", n_syn),
+        ("real train (TRTR)", "trtr", n_train),
+        ("real train + synthetic", "mixed", n_train + n_syn),
+    ):
+        cells = " | ".join(
+            _spread(m, not_measurable, f"{who}_{what}") for what in ("accuracy", "balanced_accuracy", "macro_auc")
+        )
+        lines.append(f"| {label} | {cells} | {n} | {int(m['n_test'])} |")
+    return [
+        *lines,
+        "",
+        f"TSTR/TRTR balanced-accuracy ratio: **{_spread(m, not_measurable, 'tstr_trtr_ratio')}**; macro AUC ratio: "
+        f"**{_spread(m, not_measurable, 'tstr_trtr_auc_ratio')}**. Adding the synthetic images to the real train "
+        f"split changes balanced accuracy by **{_spread(m, not_measurable, 'mixed_trtr_delta')}** and macro AUC by "
+        f"**{_spread(m, not_measurable, 'mixed_trtr_auc_delta')}** (paired by seed; > 0: synthetic data helps).",
+        "",
+    ]
 
 
 def sample_figure(
@@ -116,41 +147,42 @@ def pairs_figure(
     return image_grid(np.stack(tiles), ncol=2 * per_row)
 
 
-def markdown(title: str, metrics: dict[str, float], gates: list[Any], details: dict[str, Any]) -> str:
+def markdown(
+    title: str, metrics: dict[str, float], not_measurable: dict[str, str], gates: list[Any], details: dict[str, Any]
+) -> str:
     """The human-readable report: headline table with counts, utility, per-class values, gates."""
     m = metrics
+
+    def v(key: str | None) -> str:
+        return describe_value(key, m, not_measurable) if key else "-"
+
     lines = [f"# {title}", ""]
     lines += [
         f"Synthetic images: {int(m['n_synthetic'])} ({details['n_per_class_text']}); real train {int(m['n_train'])}, "
-        f"held-out (val+test) {int(m['n_heldout'])}, test {int(m['n_test'])}. Distribution metrics use "
-        f"{int(m['n_eval'])} samples per side (synthetic vs a train subsample; the floor compares real held-out images "
-        "with the same train subsample). Features: the 128-d penultimate layer of the domain CNN trained on the real "
-        f"train split (validation accuracy {_fmt(m['domain_val_accuracy'])} on {int(m['n_val'])} images, test accuracy "
-        f"{_fmt(m['domain_test_accuracy'])}).",
+        f"val {int(m['n_val'])}, test {int(m['n_test'])}. Distribution metrics use "
+        f"{int(m['n_eval'])} samples per side (synthetic vs a train subsample; the floor compares real held-out "
+        "(val+test) images with the same train subsample). Features: the 128-d penultimate layer of the domain CNN "
+        f"trained on the real train split (validation accuracy {v('domain_val_accuracy')}, test accuracy "
+        f"{v('domain_test_accuracy')}).",
         "",
         "| metric | synthetic | real reference | n | reading |",
         "|---|---|---|---|---|",
     ]
     for name, key, floor, reading, count in TABLE:
-        lines.append(
-            f"| {name} | {_fmt(m.get(key))} | {_fmt(m.get(floor)) if floor else '-'} | {_fmt(int(m[count]))} "
-            f"| {reading} |"
-        )
+        n = _fmt(int(m[count])) if count in m else "-"
+        lines.append(f"| {name} | {v(key)} | {v(floor)} | {n} | {reading} |")
     lines += [
         "",
-        f"## Utility (classifier recipe: {details['classifier_recipe']}; {int(m['classifier_steps'])} steps each)",
+        f"## Utility (classifier recipe: {details['classifier_recipe']}; {int(m['classifier_steps'])} steps each; "
+        f"mean ± std over {int(m['classifier_seeds'])} seeds {details['utility']['seeds']})",
         "",
-        "| trained on -> tested on real test | accuracy | balanced accuracy | macro AUC | n train | n test |",
-        "|---|---|---|---|---|---|",
-        f"| synthetic (TSTR) | {_fmt(m['tstr_accuracy'])} | {_fmt(m['tstr_balanced_accuracy'])} "
-        f"| {_fmt(m['tstr_macro_auc'])} "
-        f"| {int(m['n_synthetic'])} | {int(m['n_test'])} |",
-        f"| real train (TRTR) | {_fmt(m['trtr_accuracy'])} | {_fmt(m['trtr_balanced_accuracy'])} "
-        f"| {_fmt(m['trtr_macro_auc'])} "
-        f"| {int(m['n_train'])} | {int(m['n_test'])} |",
-        "",
-        f"TSTR/TRTR balanced-accuracy ratio: **{_fmt(m['tstr_trtr_ratio'])}**.",
-        "",
+    ]
+    reasons = {not_measurable.get(f"{who}_balanced_accuracy") for who in ("tstr", "trtr", "mixed")}
+    if len(reasons) == 1 and None not in reasons:  # one reason for every classifier: say it once
+        lines += [f"Not measurable: {reasons.pop()}.", ""]
+    else:
+        lines += _utility_table(m, not_measurable)
+    lines += [
         "## Per class",
         "",
         "| class | class fidelity | MS-SSIM synthetic | MS-SSIM real | near copies (pixel) |",
@@ -178,7 +210,8 @@ def markdown(title: str, metrics: dict[str, float], gates: list[Any], details: d
         "|---|---|---|---|",
     ]
     for g in gates:
-        lines.append(f"| {g.name} | {_fmt(g.value)} | {g.op} {g.threshold:g} | {'pass' if g.passed else 'FAIL'} |")
+        shown = _fmt(g.value) if not g.reason else f"not measurable: {g.reason}"
+        lines.append(f"| {g.name} | {shown} | {g.op} {g.threshold:g} | {'pass' if g.passed else 'FAIL'} |")
     lines += ["", "Figures: `samples.png` (per class row: 8 synthetic, then 8 real train), `nearest_pairs.png`.", ""]
     for note in details.get("notes", []):
         lines.append(f"- {note}")
@@ -200,16 +233,30 @@ def write_report(
     out_dir: Path,
     title: str,
     metrics: dict[str, float],
+    not_measurable: dict[str, str],
     gates: list[Any],
     details: dict[str, Any],
     figures: dict[str, np.ndarray],
 ) -> Path:
-    """Write metrics.json, report.md and the figure PNGs into `out_dir` (created if needed); returns `out_dir`."""
+    """Write metrics.json, report.md and the figure PNGs into `out_dir` (created if needed); returns `out_dir`.
+
+    In ``metrics.json`` a figure that could not be measured appears under ``metrics`` as the text
+    ``"not measurable: <reason>"`` (never NaN or 0), and again under ``not_measurable`` with its bare reason.
+    """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     for name, image in figures.items():
         save_png(image, out_dir / name)
-    payload = _finite({"title": title, "metrics": metrics, "gates": [g.as_dict() for g in gates], "details": details})
+    shown: dict[str, Any] = {**metrics, **{k: f"{NOT_MEASURABLE}: {r}" for k, r in not_measurable.items()}}
+    payload = _finite(
+        {
+            "title": title,
+            "metrics": shown,
+            "not_measurable": dict(not_measurable),
+            "gates": [g.as_dict() for g in gates],
+            "details": details,
+        }
+    )
     atomic_write_json(out_dir / "metrics.json", payload)
-    atomic_write_text(out_dir / "report.md", markdown(title, metrics, gates, details))
+    atomic_write_text(out_dir / "report.md", markdown(title, metrics, not_measurable, gates, details))
     return out_dir

@@ -10,11 +10,13 @@ An export folder holds
 <out>/README.md                                          SYNTHETIC banner, provenance, intensity mapping
 ```
 
-Image ``index`` of class ``label`` is generated from seed ``export.seed + label * 1_000_000 + index``, so a class's
-images do not depend on which other classes are exported. The same model, seed, batch size and device give
-byte-identical files (DICOM: identical pixels; UIDs are fresh per export). Batches never mix classes because kernels
-may round differently for another batch shape (last-bit float32 differences). Every row goes to split
-``export.split`` (default ``train``) so `medgan train` and `medgan evaluate` read the export like real data.
+Image ``index`` of class ``label`` is generated from seed ``export.seed + label * 1_000_000 + index``
+(`medgan.sampling`, the rule `medgan evaluate` uses too), so a class's images do not depend on which other classes are
+exported, and an evaluation with the same seed and batch size scores exactly these images. The same model, seed,
+batch size and device give byte-identical files (DICOM: identical pixels; UIDs are fresh per export). Batches never
+mix classes because kernels may round differently for another batch shape (last-bit float32 differences). Every row
+goes to split ``export.split`` (default ``train``) so `medgan train` and `medgan evaluate` read the export like real
+data.
 """
 
 from __future__ import annotations
@@ -35,13 +37,14 @@ import numpy as np
 from medgan.config import Config, to_dict
 from medgan.export.formats import EXTENSIONS, FORMATS, QUANTIZATION, encode, read_image
 from medgan.io import atomic_dir, atomic_write_json, atomic_write_text
+from medgan.sampling import SEED_STRIDE, image_seed  # the one seed rule, shared with medgan evaluate
 
 if TYPE_CHECKING:
+    from medgan.export.confidence import ConfidenceFilter
     from medgan.models.generator import LoadedGenerator
 
 __all__ = ["ExportResult", "export_dataset", "image_seed", "read_image", "run_export", "SEED_STRIDE"]
 
-SEED_STRIDE = 1_000_000  # seeds of class c are seed + c * SEED_STRIDE + index, index < SEED_STRIDE
 RESOLUTION = 128
 
 
@@ -73,11 +76,14 @@ class ExportResult:
         return self.n_images / self.seconds if self.seconds > 0 else float("inf")
 
     def summary(self) -> str:
+        from medgan.export.manifests import filter_lines
+
         gen = self.meta.get("generator", {})
         lines = [
             f"exported {self.n_images} SYNTHETIC images ({self.format}) to {self.out}",
             "  per class: " + ", ".join(f"{k}={v}" for k, v in self.counts.items()),
             f"  model: {gen.get('model_uri') or gen.get('checkpoint') or 'unknown'}",
+            *filter_lines(self.meta.get("export", {}).get("class_confidence_filter")),
             f"  {self.seconds:.1f} s ({self.images_per_s:.1f} images/s, generator {self.generate_seconds:.1f} s "
             f"on {self.device})",
             f"  read with: SliceDataset.open({str(self.out)!r}) or monai.data.load_decathlon_datalist"
@@ -86,13 +92,14 @@ class ExportResult:
         return "\n".join(lines)
 
 
-def image_seed(base_seed: int, label: int, index: int) -> int:
-    """The generation seed of image `index` of class `label`: ``base_seed + label * SEED_STRIDE + index``."""
-    return int(base_seed) + int(label) * SEED_STRIDE + int(index)
-
-
 def run_export(
-    cfg: Config, model_ref: str, out: Path, *, classes: list[str] | None = None, force: bool = False
+    cfg: Config,
+    model_ref: str,
+    out: Path,
+    *,
+    classes: list[str] | None = None,
+    force: bool = False,
+    data: Path | None = None,
 ) -> ExportResult:
     """Export a synthetic dataset from a registered model, a run or a checkpoint (what ``medgan export`` runs).
 
@@ -103,6 +110,8 @@ def run_export(
         out: the folder to create.
         classes: class names to export (default: all the model's classes).
         force: replace an earlier medgan export at `out` (nothing else: see `export_dataset`).
+        data: the real slice dataset the generator learned from; needed by ``export.min_class_confidence`` (its
+            train split trains the domain classifier that judges each sample, `medgan.export.confidence`).
 
     Returns:
         The `ExportResult`.
@@ -120,7 +129,12 @@ def run_export(
     _check_out(Path(out), force)  # before loading a model: a refused --out costs nothing
     loaded = load_generator(model_ref, cfg.track.tracking_uri)
     loaded.info.setdefault("model_ref", model_ref)
-    return export_dataset(loaded, cfg, Path(out), classes=classes, force=force, progress=True)
+    confidence = None
+    if cfg.export.min_class_confidence:
+        from medgan.export.confidence import domain_filter
+
+        confidence = domain_filter(cfg, loaded, data)
+    return export_dataset(loaded, cfg, Path(out), classes=classes, force=force, progress=True, confidence=confidence)
 
 
 def _check_options(cfg: Config) -> None:
@@ -249,6 +263,7 @@ def export_dataset(
     classes: list[str] | None = None,
     force: bool = False,
     progress: bool = True,
+    confidence: ConfidenceFilter | None = None,
 ) -> ExportResult:
     """Generate `cfg.export.n_per_class` images per class and write them as an export folder (see module docstring).
 
@@ -262,6 +277,7 @@ def export_dataset(
             ``synthetic: true`` with export details, holding only the files an export writes (its ``manifest.csv``
             lists every image). A real dataset, or any file medgan did not write, is refused and left as it is.
         progress: show a tqdm bar.
+        confidence: keep only samples this filter accepts (``--min-class-confidence``), drawing more seeds per class.
 
     Returns:
         The `ExportResult`.
@@ -324,6 +340,13 @@ def export_dataset(
     # A stale partial from an interrupted export (checked by `_check_out`) is not resumable: start clean.
     shutil.rmtree(out.with_name(out.name + ".partial"), ignore_errors=True)
     G = loaded.G if device == "cpu" else copy.deepcopy(loaded.G).to(device)
+    accepted, confidences, filter_record = None, None, None
+    if confidence is not None:  # the filter picks each class's seeds, and has drawn their images already
+        from medgan.export.confidence import draw_confident
+
+        accepted, plan_seeds, confidences, filter_record = draw_confident(
+            G, loaded.classes, labels_wanted, e.n_per_class, e.seed, confidence, device, e.batch_size
+        )
     # cuDNN: no autotuning and deterministic kernels, so a rerun on the same GPU gives the same bits.
     cudnn_det = torch.backends.cudnn.flags(enabled=True, benchmark=False, deterministic=True, allow_tf32=False)
     workers = e.workers or min(8, os.cpu_count() or 1)
@@ -346,7 +369,11 @@ def export_dataset(
                       for c0 in range(0, n, e.n_per_class) for i in range(0, e.n_per_class, e.batch_size)]  # fmt: skip
             for start, stop in starts:
                 tg = time.perf_counter()
-                images = generate(G, plan_labels[start:stop], plan_seeds[start:stop], device, e.batch_size)
+                images = (
+                    accepted[start:stop]
+                    if accepted is not None
+                    else generate(G, plan_labels[start:stop], plan_seeds[start:stop], device, e.batch_size)
+                )
                 gen_s += time.perf_counter() - tg
                 assert images.shape == (stop - start, 1, RESOLUTION, RESOLUTION), images.shape
                 stage[start:stop] = images
@@ -391,6 +418,7 @@ def export_dataset(
             "spacing_source": spacing_source,
             "dicom_study_uid": study_uid or None,
             "dicom_series_uids": {loaded.classes[c]: s.series_uid for c, s in series.items()} or None,
+            "class_confidence_filter": filter_record,
         }
         meta = {
             "name": out.name,
@@ -409,9 +437,12 @@ def export_dataset(
         staging.unlink()
 
         labels_list, seeds_list = plan_labels.tolist(), plan_seeds.tolist()
-        atomic_write_text(tmp / "manifest.csv", manifests.manifest_csv(loaded.classes, files, labels_list, seeds_list))
+        conf = confidences.tolist() if confidences is not None else None
+        atomic_write_text(
+            tmp / "manifest.csv", manifests.manifest_csv(loaded.classes, files, labels_list, seeds_list, conf)
+        )
         atomic_write_json(
-            tmp / "datalist.json", manifests.datalist(out.name, loaded.classes, files, labels_list, seeds_list)
+            tmp / "datalist.json", manifests.datalist(out.name, loaded.classes, files, labels_list, seeds_list, conf)
         )
         atomic_write_text(tmp / "README.md", manifests.readme(ds_meta))
 

@@ -32,7 +32,7 @@ def make_dataset(
             rows.append(
                 {
                     "split": split,
-                    "label": i % 2,
+                    "label": i % len(classes),
                     "patient": f"p{split}{i}",
                     "volume": f"v{split}{i}",
                     "slice_index": 0,
@@ -42,6 +42,6 @@ def make_dataset(
                     "seed": "",
                 }
             )
-            labels.append(i % 2)
+            labels.append(i % len(classes))
     write_dataset(path, patterns(np.array(labels), seed), rows, classes, meta={"synthetic": synthetic})
     return path

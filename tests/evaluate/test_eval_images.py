@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import sys
 from pathlib import Path
@@ -62,6 +63,14 @@ def test_good_synthetic_data_passes(real, cfg, cache, tmp_path):
     assert m["domain_val_accuracy"] > 0.9 and m["class_fidelity"] > 0.9
     assert m["tstr_balanced_accuracy"] > 0.85 and m["tstr_trtr_ratio"] > 0.85
     assert m["near_copy_fraction"] == 0.0
+    # Utility over 3 classifier seeds: mean and spread, macro AUC beside balanced accuracy, real+synthetic vs real.
+    assert m["classifier_seeds"] == 3 and r.not_measurable == {}
+    for who in ("tstr", "trtr", "mixed"):
+        assert 0 <= m[f"{who}_balanced_accuracy_std"] < 0.2 and m[f"{who}_macro_auc"] > 0.9
+    assert m["mixed_balanced_accuracy"] > 0.85 and abs(m["mixed_trtr_delta"]) < 0.15 and m["tstr_trtr_auc_ratio"] > 0.9
+    utility = json.loads((r.report_dir / "metrics.json").read_text())["details"]["utility"]
+    assert utility["seeds"] == [0, 1, 2] and len(utility["per_seed"]["tstr"]) == 3
+    assert "± " in r.summary() and "real + synthetic" in r.summary()
     assert json.loads((r.report_dir / "metrics.json").read_text())["details"]["domain_network"]["cached"] is True
     assert m["n_synthetic"] == 40 and m["n_train"] == 80 and m["n_test"] == 40 and m["n_eval"] == 40
     assert r.gates_passed, r.summary()
@@ -69,21 +78,21 @@ def test_good_synthetic_data_passes(real, cfg, cache, tmp_path):
     data = json.loads((r.report_dir / "metrics.json").read_text())
     assert data["metrics"]["fd"] == pytest.approx(m["fd"]) and len(data["details"]["per_class"]) == 2
     md = (r.report_dir / "report.md").read_text()
-    assert "| Frechet distance" in md and "TSTR" in md and "| left |" in md
+    assert "| Frechet distance" in md and "TSTR" in md and "| left |" in md and "| real train + synthetic |" in md
     for name in ("samples.png", "nearest_pairs.png", "domain_network.pt"):
         assert (r.report_dir / name).stat().st_size > 0
     assert "Gates:" in r.summary() and "pass: TSTR/TRTR ratio" in r.summary()
 
 
 def test_domain_network_is_cached_by_dataset_hash_and_recipe(real, cache):
-    files = list((cache / "features").glob(f"{real.content_hash[:16]}-*.pt"))
-    assert len(files) == 1
+    # The domain network (seed 0) doubles as the first TRTR classifier; TRTR seeds 1 and 2 are cached beside it.
+    files = sorted((cache / "features").glob(f"{real.content_hash[:16]}-*.pt"))
+    digests = {Recipe(epochs=20, min_steps=0, seed=s).digest() for s in (0, 1, 2)}
+    assert {f.stem.split("-")[1] for f in files} <= digests and len(files) >= 1
     net, info = real_classifier(real, Recipe(epochs=20, min_steps=0), cache)
-    assert info["cached"] and info["cache_path"] == str(files[0]) and info["dataset_hash"] == real.content_hash
-    assert (
-        Recipe(epochs=20, min_steps=0).digest() in files[0].name
-        and Recipe(epochs=21).digest() != Recipe(epochs=20).digest()
-    )
+    path = cache / "features" / f"{real.content_hash[:16]}-{Recipe(epochs=20, min_steps=0).digest()}.pt"
+    assert info["cached"] and info["cache_path"] == str(path) and info["dataset_hash"] == real.content_hash
+    assert Recipe(epochs=21).digest() != Recipe(epochs=20).digest()
     probs, feats = predict(net, real.images[:3])
     assert probs.shape == (3, 2) and feats.shape == (3, 128)
 
@@ -131,3 +140,26 @@ def test_run_evaluate_reads_an_exported_dataset(real, cfg, cache, tmp_path):
         run_evaluate(cfg, str(export), real.path, out_dir=tmp_path / "rep2", promote=True, cache_dir=cache)
     with pytest.raises(ValueError, match="synthetic dataset"):
         run_evaluate(cfg, str(real.path), export, out_dir=tmp_path / "rep3", promote=False, cache_dir=cache)
+
+
+def test_evaluated_images_are_the_exported_ones(tmp_path):
+    """One seed rule: evaluation's image (class, index) is the file `medgan export` writes for it, bit for bit."""
+    from medgan.config import ModelConfig
+    from medgan.evaluate import sample_for_evaluation
+    from medgan.export import export_dataset, read_image
+
+    torch.manual_seed(0)
+    mc = ModelConfig(z_dim=16, width=4, g_max_channels=16, embed_dim=8)
+    G = Generator(num_classes=2, z_dim=16, width=4, max_channels=16, embed_dim=8)
+    loaded = LoadedGenerator(G, CLASSES, mc, {"checkpoint": "ckpt-000001.pt"})
+    cfg = load_config(sets=["eval.n_per_class=5", "eval.seed=7", "eval.batch_size=3"])
+    cfg.export.format, cfg.export.n_per_class, cfg.export.seed, cfg.export.batch_size = "npy", 5, 7, 3
+    cfg.export.device = "cpu"
+    images, labels, seeds = sample_for_evaluation(loaded, cfg)
+    out = export_dataset(loaded, cfg, tmp_path / "export", progress=False).out
+    rows = list(csv.DictReader((out / "manifest.csv").open()))
+    assert [int(r["seed"]) for r in rows] == seeds.tolist() and [int(r["label"]) for r in rows] == labels.tolist()
+    exported = np.stack([read_image(out / r["file"]) for r in rows])
+    assert exported.shape == images.shape and np.array_equal(exported, images)
+    # Seeds differ per (class, index), so the classes are not one image repeated.
+    assert len(set(seeds.tolist())) == 10 and not np.array_equal(images[0], images[5])

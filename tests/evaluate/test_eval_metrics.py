@@ -85,16 +85,38 @@ def test_classification_scores_and_per_class_accuracy():
 
 
 def test_gates_refuse_and_accept_as_configured():
-    good = {"tstr_trtr_ratio": 0.85, "near_copy_fraction": 0.0, "class_fidelity": 0.9}
+    good = {"tstr_trtr_ratio": 0.85, "near_copy_fraction": 0.0, "class_fidelity": 0.9, "recall": 0.5}
     cfg = EvalConfig(gate_min_tstr_ratio=0.7, gate_max_near_copy_fraction=0.01, gate_min_class_fidelity=0.5)
     assert all(g.passed for g in check_gates(good, cfg))
-    bad = dict(good, near_copy_fraction=0.2, tstr_trtr_ratio=0.5)
+    bad = dict(good, near_copy_fraction=0.2, tstr_trtr_ratio=0.5, recall=0.0)
     failed = [g.metric for g in check_gates(bad, cfg) if not g.passed]
-    assert failed == ["tstr_trtr_ratio", "near_copy_fraction"]
+    assert failed == ["tstr_trtr_ratio", "near_copy_fraction", "recall"]
     # The same metrics pass once the configured thresholds allow them; a missing or NaN metric always fails.
-    lenient = EvalConfig(gate_min_tstr_ratio=0.4, gate_max_near_copy_fraction=0.25, gate_min_class_fidelity=0.5)
+    lenient = EvalConfig(
+        gate_min_tstr_ratio=0.4, gate_max_near_copy_fraction=0.25, gate_min_class_fidelity=0.5, gate_min_recall=0
+    )
     assert all(g.passed for g in check_gates(bad, lenient))
     nan = dict(good, class_fidelity=float("nan"))
     assert [g.metric for g in check_gates(nan, cfg) if not g.passed] == ["class_fidelity"]
     assert not check_gates({}, lenient)[0].passed
     assert "FAIL" in check_gates(bad, cfg)[0].describe()
+
+
+def test_a_figure_that_is_not_measurable_fails_its_gate_with_the_reason():
+    reason = "the test split has one class (liver): a classifier that always answers it would score 1"
+    # Even a value that would pass is refused once the figure is marked unmeasurable.
+    gates = check_gates({"tstr_trtr_ratio": 1.0, "near_copy_fraction": 0.0, "class_fidelity": 1.0, "recall": 1.0},
+                        EvalConfig(), {"tstr_trtr_ratio": reason})  # fmt: skip
+    g = gates[0]
+    assert not g.passed and g.value is None and g.reason == reason
+    assert g.describe() == f"FAIL: TSTR/TRTR ratio = not measurable: {reason} (needs >= 0.7; metric tstr_trtr_ratio)"
+    assert all(x.passed for x in gates[1:])
+
+
+def test_default_gates_mean_something():
+    cfg = EvalConfig()
+    # Class fidelity well above chance for two classes (0.5); recall above zero; a ratio that keeps most of the utility.
+    assert cfg.gate_min_class_fidelity >= 0.7 and cfg.gate_min_recall > 0 and cfg.gate_min_tstr_ratio >= 0.7
+    collapsed = {"tstr_trtr_ratio": 0.5, "near_copy_fraction": 0.0, "class_fidelity": 0.5, "recall": 0.0}
+    failed = {g.metric for g in check_gates(collapsed, cfg) if not g.passed}
+    assert failed == {"tstr_trtr_ratio", "class_fidelity", "recall"}

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import re
 import sys
 from pathlib import Path
 
@@ -24,6 +26,7 @@ FAST = [
     "eval.diversity_pairs=4",
     "eval.kid_subsets=3",
     "eval.classifier_min_steps=0",
+    "eval.seeds=1",  # the spread over seeds is tested in test_eval_images
     "model.z_dim=16",
     "model.width=4",
     "model.g_max_channels=16",
@@ -88,7 +91,11 @@ def test_registered_model_is_promoted_only_when_gates_pass(env, tmp_path, monkey
     assert "eval.tstr_trtr_ratio" in tags and tags["eval.run_id"] == r.run_id
 
     lenient = config(
-        uri, "eval.gate_min_tstr_ratio=0", "eval.gate_max_near_copy_fraction=1", "eval.gate_min_class_fidelity=0"
+        uri,
+        "eval.gate_min_tstr_ratio=0",
+        "eval.gate_max_near_copy_fraction=1",
+        "eval.gate_min_class_fidelity=0",
+        "eval.gate_min_recall=0",
     )
     monkeypatch.chdir(tmp_path)
     r = run_evaluate(lenient, ref, env["ds"].path, out_dir=None, promote=True, cache_dir=env["cache"])
@@ -97,3 +104,34 @@ def test_registered_model_is_promoted_only_when_gates_pass(env, tmp_path, monkey
         r.report_dir == Path("reports") / f"{name}-v{version}" and (tmp_path / r.report_dir / "metrics.json").is_file()
     )
     assert str(client.get_registered_model(name).aliases["champion"]) == version
+
+
+def test_one_class_model_is_refused_with_reasons(tmp_path):
+    """A model of a one-class dataset used to pass every gate (fidelity and TSTR are trivially 1 with one class)."""
+    tracking = pytest.importorskip("medgan.tracking")
+    ds = SliceDataset.open(make_dataset(tmp_path / "one", {"train": 12, "test": 6}, classes=["left"]))
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    cfg = config(uri)
+    torch.manual_seed(0)
+    G = Generator(num_classes=1, z_dim=16, width=4, max_channels=16, embed_dim=8).eval()
+    tracker = tracking.make_tracker(cfg, ds, run_name="one-class")
+    model_uri = tracker.register_generator(G, cfg, ["left"], ds.content_hash, {})
+    tracker.finish()
+    name = model_uri.removeprefix("models:/").split("/")[0]
+    r = run_evaluate(cfg, f"models:/{name}@candidate", ds.path, out_dir=tmp_path / "rep", promote=True,
+                     cache_dir=tmp_path / "cache")  # fmt: skip
+    assert not r.promoted and "champion" not in tracker.client.get_registered_model(name).aliases
+    gates = {g.metric: g for g in r.gates}
+    assert not gates["tstr_trtr_ratio"].passed and "test split has one class (left)" in gates["tstr_trtr_ratio"].reason
+    assert not gates["class_fidelity"].passed and "one class" in gates["class_fidelity"].reason
+    assert not gates["recall"].passed and r.metrics["recall"] < cfg.eval.gate_min_recall
+    assert "tstr_trtr_ratio" not in r.metrics and "domain_val_accuracy" in r.not_measurable
+    # Nothing unmeasured is shown as a number: no nan, and the reason is spelled out everywhere.
+    summary, md = r.summary(), (r.report_dir / "report.md").read_text()
+    saved = json.loads((r.report_dir / "metrics.json").read_text())
+    for text in (summary, md, json.dumps(saved)):
+        assert re.search(r"\bnan\b", text, re.IGNORECASE) is None
+        assert "not measurable: there is no val split" in text
+    assert "not measurable: the test split has one class (left)" in summary
+    assert saved["metrics"]["tstr_trtr_ratio"].startswith("not measurable: the test split has one class")
+    assert any("class fidelity (not measurable" in n for n in r.notes)
