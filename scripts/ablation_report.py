@@ -15,7 +15,7 @@ import json
 import os
 from pathlib import Path
 
-from medgan.tracking import experiment_runs, resolve_uri
+from medgan.tracking.store import experiment_runs, resolve_uri
 
 KEYS = ("loss/d", "loss/g", "d/acc_real", "d/acc_fake", "alarm/d_overpowering")
 QUALITY = (("fd", "FD_domain"), ("class_fidelity", "class fidelity"), ("tstr_trtr_ratio", "TSTR/TRTR"),

@@ -115,7 +115,7 @@ def run_export(
         >>> result = run_export(load_config(), "models:/medgan-demo@champion", Path("synthetic/demo"))
         >>> print(result.summary())
     """
-    from medgan.tracking import load_generator
+    from medgan.tracking.registry import load_generator
 
     loaded = load_generator(model_ref, cfg.track.tracking_uri)
     loaded.info.setdefault("model_ref", model_ref)
@@ -221,7 +221,7 @@ def export_dataset(
         FileExistsError: `out` is not empty and `force` is false.
 
     Example:
-        >>> loaded = medgan.train.checkpoint.load_generator("runs/x/ckpt-000120.pt")
+        >>> loaded = medgan.tracking.registry.load_generator("runs/x/ckpt-000120000.pt")
         >>> export_dataset(loaded, cfg, Path("synthetic/x"), classes=["tumor"]).n_images
         100
     """
