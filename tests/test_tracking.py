@@ -207,6 +207,26 @@ def test_load_by_alias_and_deterministic_predict(tracked, monkeypatch):
     np.testing.assert_array_equal(b, expected)
 
 
+SHADOW = """
+import mlflow, pandas as pd
+model = mlflow.pyfunc.load_model("models:/medgan-tiny@candidate")
+model.predict(pd.DataFrame({"label": ["glioma"]}))
+import medgan, medgan.tracking.registry  # a module the model does not ship
+print(medgan.__file__)
+"""
+
+
+def test_loading_the_model_first_never_shadows_the_installed_medgan(tracked, tmp_path):
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "MLFLOW_TRACKING_URI": tracked["uri"], "PYTHONPATH": str(root)}
+    out = subprocess.run([sys.executable, "-c", SHADOW], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip().splitlines()[-1] == str(root / "medgan" / "__init__.py")
+
+
 def test_scoring_server_answers_every_input_format(tracked, monkeypatch):
     """What `mlflow models serve -m models:/NAME@ALIAS` runs, in process: CSV, inputs, instances, dataframe_*."""
     import uvicorn
