@@ -216,6 +216,7 @@ print(medgan.__file__)
 """
 
 
+@pytest.mark.slow  # a fresh interpreter importing mlflow and torch
 def test_loading_the_model_first_never_shadows_the_installed_medgan(tracked, tmp_path):
     import subprocess
     import sys
