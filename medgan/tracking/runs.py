@@ -303,11 +303,12 @@ class Tracker:
         self._last_try = now
         if self._store_down():
             return False
-        n = len(self._kept)
+        n = 0
         while self._kept:
             what, fn = self._kept[0]
             try:
                 fn()
+                n += 1
             except Exception as e:
                 if self._store_down():
                     return False
