@@ -148,8 +148,8 @@ def dataset_path(work: Path) -> Path:
 
 def stage_ingest(args: argparse.Namespace, out: Fragment) -> None:
     from medgan.config import load_config
-    from medgan.ingest import run_ingest
     from medgan.dataset import SliceDataset
+    from medgan.ingest import run_ingest
 
     cfg = load_config([ROOT / "configs/ingest/sample_ct_organs.yaml"], ["ingest.workers=2"])
     t0 = time.perf_counter()
@@ -180,7 +180,8 @@ def stage_train(args: argparse.Namespace, out: Fragment) -> None:
     import torch
 
     from medgan.config import load_config
-    from medgan.tracking import experiment_runs
+    from medgan.tracking.runs import Tracker
+    from medgan.tracking.store import experiment_runs
     from medgan.train import checkpoint
     from medgan.train.loop import train
 
@@ -195,7 +196,9 @@ def stage_train(args: argparse.Namespace, out: Fragment) -> None:
     cfg = load_config([ROOT / "configs/train/gpu.yaml"], sets)
     out.update(planned_kimg=kimg, rate_used_for_plan=rate, overrides=[s for s in sets if "tracking_uri" not in s])
     t0 = time.perf_counter()
-    result = train(cfg, dataset_path(args.work), out_dir=args.work / "runs", resume=None, preset="gpu")
+    result = train(
+        cfg, dataset_path(args.work), out_dir=args.work / "runs", resume=None, preset="gpu", tracker=Tracker(cfg.track)
+    )
     wall = time.perf_counter() - t0
     out.update(checkpoint=str(result.checkpoint), env=result.env, wall_s=wall, kimg=result.images_seen / 1000)
 
@@ -276,8 +279,8 @@ def stage_export(args: argparse.Namespace, out: Fragment) -> None:
     import torch
 
     from medgan.config import load_config
-    from medgan.export import read_image, run_export
     from medgan.dataset import SliceDataset
+    from medgan.export import read_image, run_export
 
     previous = [json.loads(p.read_text()).get("checkpoint") for p in (args.work / "train.json", args.work / "ddp.json")
                 if p.is_file()]  # fmt: skip

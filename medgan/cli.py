@@ -49,6 +49,14 @@ def _tracking_uri(uri: str | None, cfg) -> None:
     if not cfg.track.tracking_uri:
         # Resolved here (the CLI reads the environment; the library never does).
         cfg.track.tracking_uri = os.environ.get("MLFLOW_TRACKING_URI", "")
+    _mlflow_http_defaults()
+
+
+def _mlflow_http_defaults() -> None:
+    """Short HTTP retries for MLflow's client unless the user set them: by default it retries a dead server for
+    minutes per call, which would stall training; medgan keeps what fails and logs it when the server is back."""
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
 
 
 def config_options(f):
@@ -201,8 +209,16 @@ def train(data, out, resume, tracking_uri, no_track, config_files, sets, dry_run
     preset = Path(config_files[-1]).stem if config_files else "default"
     from medgan.train.loop import train as train_loop
 
+    if cfg.track.enabled:
+        from medgan.tracking.runs import Tracker
+
+        tracker = Tracker(cfg.track)
+    else:
+        from medgan.tracking.null import NullTracker
+
+        tracker = NullTracker()
     try:
-        result = train_loop(cfg, data, out_dir=out, resume=resume, preset=preset)
+        result = train_loop(cfg, data, out_dir=out, resume=resume, preset=preset, tracker=tracker)
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         _fail(e)
     click.echo(result.summary())
@@ -298,16 +314,62 @@ def models() -> None:
     """Registered generators in the MLflow Model Registry."""
 
 
+# What `medgan models` prints of a version's training tags and evaluation metrics (every value stays in MLflow).
+TRAINING_HEADLINE = ("loss/d", "loss/g", "d/r_t", "aug/p", "perf/img_per_s")
+EVAL_HEADLINE = ("fd", "fd_real_floor", "class_fidelity", "tstr_trtr_ratio", "near_copy_fraction", "ms_ssim_synthetic")
+
+
+def _version_lines(v) -> list[str]:
+    import time
+
+    created = time.strftime("%Y-%m-%d %H:%M", time.localtime(v.created_ms / 1000))
+    head = f"  v{v.version}  {created}  run {v.run_id or '-'}"
+    lines = [head + (f"  @{' @'.join(v.aliases)}" if v.aliases else "")]
+    other = {k: val for k, val in v.tags.items() if not k.startswith(("metric.", "eval."))}
+    for k in ("classes", "dataset_hash", "resolution", "medgan_version"):
+        if k in other:
+            value = other.pop(k)
+            lines.append(f"      {k}: {value[:16] if k == 'dataset_hash' else value}")
+    training = {k[7:]: val for k, val in v.tags.items() if k.startswith("metric.")}
+    training = {k: val for k, val in training.items() if k in TRAINING_HEADLINE} or training
+    evaluation = {k: f"{val:.6g}" for k, val in v.evaluation.items() if k in EVAL_HEADLINE} or {
+        k: f"{val:.6g}" for k, val in v.evaluation.items()
+    }
+    for label, values in (("training", training), ("evaluation", evaluation)):
+        if values:
+            lines.append(f"      {label}: " + ", ".join(f"{k}={val}" for k, val in sorted(values.items())))
+    if v.tags.get("eval.run_id"):
+        lines.append(f"      evaluation run: {v.tags['eval.run_id']}")
+    lines += [f"      {k}: {val}" for k, val in sorted(other.items()) if k != "run_id"]
+    return lines
+
+
+def _models_text(uri: str, spec: str | None) -> str:
+    from medgan.tracking.registry import registered_models
+    from medgan.tracking.store import redact
+
+    found = registered_models(uri, spec)
+    if spec is None and not found:
+        return f"no registered models in {redact(uri)} (medgan train registers one at the end of training)"
+    out = [f"registered models in {redact(uri)}:"] if spec is None else []
+    for m in found:
+        alias_text = ", ".join(f"@{a} -> v{v}" for a, v in sorted(m.aliases.items())) or "no aliases"
+        if spec is None:
+            out.append(f"{m.name}: {m.n_versions} version(s), {alias_text}")
+        else:
+            out += [f"{m.name} ({alias_text})", f"  load: models:/{m.name}@<alias> or models:/{m.name}/<version>"]
+        for v in m.versions:
+            out += _version_lines(v)
+    return "\n".join(out)
+
+
 @models.command("list")
 @click.option("--tracking-uri", default=None)
 def models_list(tracking_uri) -> None:
     """List registered medgan generators with versions and aliases."""
-    from medgan import tracking
-
+    _mlflow_http_defaults()
     try:
-        click.echo(
-            tracking.describe_models(tracking.resolve_uri(tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")))
-        )
+        click.echo(_models_text(tracking_uri or os.environ.get("MLFLOW_TRACKING_URI", ""), None))
     except (ValueError, RuntimeError) as e:
         _fail(e)
 
@@ -317,12 +379,9 @@ def models_list(tracking_uri) -> None:
 @click.option("--tracking-uri", default=None)
 def models_show(name, tracking_uri) -> None:
     """Show one model (NAME, NAME@ALIAS or NAME/VERSION): versions, aliases, tags, headline metrics."""
-    from medgan import tracking
-
+    _mlflow_http_defaults()
     try:
-        click.echo(
-            tracking.describe_model(tracking.resolve_uri(tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")), name)
-        )
+        click.echo(_models_text(tracking_uri or os.environ.get("MLFLOW_TRACKING_URI", ""), name))
     except (ValueError, RuntimeError) as e:
         _fail(e)
 

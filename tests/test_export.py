@@ -6,8 +6,6 @@ from __future__ import annotations
 import csv
 import json
 import shutil
-import sys
-import types
 from pathlib import Path
 
 import numpy as np
@@ -420,7 +418,9 @@ def test_cli_export_runs_and_refuses(loaded, tmp_path, monkeypatch):
         seen["ref"], seen["uri"] = ref, tracking_uri
         return tiny_loaded()
 
-    monkeypatch.setitem(sys.modules, "medgan.tracking", types.SimpleNamespace(load_generator=load_generator))
+    from medgan.tracking import registry
+
+    monkeypatch.setattr(registry, "load_generator", load_generator)
     out = tmp_path / "syn"
     args = ["export", "--model", "models:/medgan-demo@champion", "--out", str(out), "--n-per-class", "2",
             "--format", "npy", "--seed", "3", "--classes", "b", "--tracking-uri", "sqlite:///x.db"]  # fmt: skip
@@ -440,7 +440,7 @@ def test_evaluate_sees_the_export_as_synthetic(exports):
 
 
 def test_run_export_from_a_checkpoint_file(tmp_path):
-    """`run_export` resolves a checkpoint path through `medgan.tracking.load_generator` (no registry needed)."""
+    """`run_export` resolves a checkpoint path through `medgan.tracking.registry.load_generator` (no store needed)."""
     from medgan.config import to_dict
     from medgan.export import run_export
     from medgan.train.checkpoint import save

@@ -434,15 +434,9 @@ def run_evaluate(
         )
         result.model_ref, result.info = model_ref, generator
         return result
-    ref_path = Path(model_ref)
-    if not model_ref.startswith(("models:/", "runs:/")) and (ref_path.exists() or model_ref.endswith(".pt")):
-        from medgan.train.checkpoint import load_generator as load_checkpoint  # no mlflow import for a local file
+    from medgan.tracking.registry import load_generator
 
-        loaded = load_checkpoint(ref_path)
-    else:
-        from medgan.tracking import load_generator
-
-        loaded = load_generator(model_ref, cfg.track.tracking_uri)
+    loaded = load_generator(model_ref, cfg.track.tracking_uri)
     name, version = loaded.info.get("name"), loaded.info.get("version")
     if promote and not (name and version):
         raise ValueError(
@@ -453,9 +447,10 @@ def run_evaluate(
     result = evaluate_generator(loaded, dataset, cfg, out_dir, cache_dir=cache_dir)
     result.model_ref = model_ref
     if name and version or (cfg.track.enabled and loaded.info.get("run_id")):
-        from medgan.tracking import log_evaluation, set_alias
+        from medgan.tracking.evaluation import log_evaluation
+        from medgan.tracking.registry import set_alias
 
-        result.run_id = log_evaluation(cfg.track.tracking_uri, loaded.info, result.metrics, result.report_dir)
+        result.run_id = log_evaluation(cfg.track.tracking_uri, loaded.info, result.metrics, result.report_dir, dataset)
         if promote and result.gates_passed:
             set_alias(cfg.track.tracking_uri, name, version, "champion")
             result.promoted = True

@@ -124,7 +124,7 @@ def run_export(
         >>> result = run_export(load_config(), "models:/medgan-demo@champion", Path("synthetic/demo"))
         >>> print(result.summary())
     """
-    from medgan.tracking import load_generator
+    from medgan.tracking.registry import load_generator
 
     _check_out(Path(out), force)  # before loading a model: a refused --out costs nothing
     loaded = load_generator(model_ref, cfg.track.tracking_uri)
@@ -287,7 +287,7 @@ def export_dataset(
         FileExistsError: `out` is not empty and `force` is false, or `out` is not an earlier medgan export.
 
     Example:
-        >>> loaded = medgan.train.checkpoint.load_generator("runs/x/ckpt-000120.pt")
+        >>> loaded = medgan.tracking.registry.load_generator("runs/x/ckpt-000120000.pt")
         >>> export_dataset(loaded, cfg, Path("synthetic/x"), classes=["tumor"]).n_images
         100
     """

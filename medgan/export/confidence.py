@@ -55,8 +55,8 @@ def domain_filter(cfg: Config, loaded: LoadedGenerator, data: Path | None) -> Co
     Raises:
         ValueError: P outside (0, 1], no `data`, a synthetic `data`, or classes that differ from the generator's.
     """
-    from medgan.evaluate.features import Recipe, real_classifier
     from medgan.dataset import SliceDataset
+    from medgan.evaluate.features import Recipe, real_classifier
 
     e, ev = cfg.export, cfg.eval
     p = e.min_class_confidence

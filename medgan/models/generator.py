@@ -7,6 +7,7 @@ concatenating a one-hot to z once at the input.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 
 import numpy as np
@@ -123,7 +124,7 @@ def generate(
 
 
 class LoadedGenerator:
-    """A generator ready to sample, with what it was trained on (returned by `medgan.tracking.load_generator`).
+    """A generator ready to sample, with what it was trained on (from `medgan.tracking.registry.load_generator`).
 
     Attributes:
         G: the EMA generator, eval mode, on the CPU.
@@ -137,6 +138,20 @@ class LoadedGenerator:
         if G.num_classes != len(classes):
             raise ValueError(f"generator has {G.num_classes} classes but {len(classes)} class names were given")
         self.G, self.classes, self.model_cfg, self.info = G.eval(), list(classes), model_cfg, dict(info or {})
+
+    @classmethod
+    def from_state_dict(
+        cls, model: dict, classes: list[str], state_dict: dict[str, torch.Tensor], info: dict | None = None
+    ) -> LoadedGenerator:
+        """Rebuild the generator from a ModelConfig's fields (unknown ones ignored), class names and a state_dict.
+
+        The one rebuild behind every reference a generator is loaded from (registry, run, checkpoint).
+        """
+        known = {f.name for f in dataclasses.fields(ModelConfig)}
+        model_cfg = ModelConfig(**{k: v for k, v in model.items() if k in known})
+        G = Generator.from_config(model_cfg, len(classes))
+        G.load_state_dict(state_dict)
+        return cls(G.requires_grad_(False), classes, model_cfg, info)
 
     def class_index(self, name_or_index: str | int) -> int:
         """Label index of a class name or index string, with an error listing the valid classes."""

@@ -1,7 +1,8 @@
 """Checkpoints: state_dicts + plain data in one torch.save buffer, written atomically, loaded with weights_only=True.
 
 A checkpoint holds G, D, G_ema, both optimizers, the augmentation and monitor state, counters, RNG state, the resolved
-config, the classes and the dataset content hash, so `--resume` continues exactly. Files are named
+config, the classes and the dataset content hash, so `--resume` continues exactly. Its generator is loaded, like
+every other generator reference, by `medgan.tracking.registry.load_generator`. Files are named
 ``ckpt-<images seen, 9 digits>.pt`` (``ckpt-000120000.pt`` = 120 kimg): they sort, and tiny smoke runs never collide.
 """
 
@@ -15,9 +16,7 @@ from typing import Any
 
 import torch
 
-from medgan.config import from_dict
 from medgan.io import atomic_write_bytes
-from medgan.models.generator import Generator, LoadedGenerator
 
 PATTERN = re.compile(r"^ckpt-(\d{9})\.pt$")
 
@@ -125,34 +124,3 @@ def check_dataset(state: dict[str, Any], content_hash: str, data: Path, ckpt: Pa
             f"--resume {ckpt}: it was trained on a dataset with content hash {state['dataset_hash'][:12]}, but {data} "
             f"has {content_hash[:12]}; resume with the same dataset, or start a new run without --resume"
         )
-
-
-def load_generator(path: str | Path) -> LoadedGenerator:
-    """The EMA generator of a checkpoint, on the CPU in eval mode.
-
-    Args:
-        path: a ``ckpt-*.pt`` file, or a run folder (its latest checkpoint).
-
-    Returns:
-        A LoadedGenerator with info {"checkpoint", "dataset_hash", "run_id"}.
-
-    Raises:
-        FileNotFoundError: no checkpoint there.
-        ValueError: not a medgan checkpoint.
-
-    Example:
-        >>> loaded = load_generator("runs/demo-cpu_smoke-1a2b3c/ckpt-000000512.pt")
-        >>> images = generate(loaded.G, labels=[0, 1], seeds=[0, 0])
-    """
-    path = resolve(path)
-    state = load(path)
-    cfg = from_dict(state["config"])
-    G = Generator.from_config(cfg.model, len(state["classes"]))
-    G.load_state_dict(state["G_ema"])
-    info = {
-        "checkpoint": str(path),
-        "dataset_hash": state["dataset_hash"],
-        "run_id": state.get("run_id"),
-        **state.get("geometry", {}),
-    }
-    return LoadedGenerator(G.eval().requires_grad_(False), state["classes"], cfg.model, info)

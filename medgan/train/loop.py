@@ -21,6 +21,7 @@ from medgan.data import DeviceFeeder, step_seed
 from medgan.dataset import SliceDataset
 from medgan.models.discriminator import Discriminator
 from medgan.models.generator import Generator, generate
+from medgan.tracking.null import NullTracker
 from medgan.train import checkpoint, dist, losses
 from medgan.train.augment import Augment
 from medgan.train.monitor import Monitor, NonFiniteError, diversity
@@ -63,7 +64,9 @@ def _next(images_seen: int, every: int) -> int:
     return (images_seen // every + 1) * every
 
 
-def train(cfg: Config, data: Path, *, out_dir: Path, resume: str | None, preset: str) -> TrainResult:
+def train(
+    cfg: Config, data: Path, *, out_dir: Path, resume: str | None, preset: str, tracker: NullTracker | None = None
+) -> TrainResult:
     """Train a class-conditional GAN on a slice dataset's train split.
 
     Args:
@@ -72,6 +75,8 @@ def train(cfg: Config, data: Path, *, out_dir: Path, resume: str | None, preset:
         out_dir: parent of the run folder ``<dataset>-<preset>-<id>`` (checkpoints, sample grids).
         resume: a run folder (its latest checkpoint) or a ``ckpt-*.pt`` to continue exactly; None starts fresh.
         preset: the config preset name, part of the run name.
+        tracker: where params, metrics, images and the generator go (`medgan.tracking.runs.Tracker` for MLflow);
+            started here on rank 0 only. None = a `NullTracker`.
 
     Returns:
         TrainResult with the run folder, last checkpoint, run id, registered model URI and health alarms.
@@ -81,8 +86,6 @@ def train(cfg: Config, data: Path, *, out_dir: Path, resume: str | None, preset:
         FileNotFoundError: the dataset or checkpoint is missing.
         RuntimeError: training diverged (NaN/inf); the last good checkpoint is kept and named.
     """
-    from medgan.tracking import make_tracker  # lazy: mlflow is imported only when training
-
     t = cfg.train
     losses.check_loss(t.loss)
     env = dist.setup(t)
@@ -133,8 +136,9 @@ def train(cfg: Config, data: Path, *, out_dir: Path, resume: str | None, preset:
     fixed_seeds = np.tile(np.arange(t.samples_per_class), nc)
     real_div = np.array([diversity(feeder.images[feeder.labels == c][:16].float().cpu().numpy()) for c in range(nc)])
 
-    # A resumed run continues its MLflow run, so its metric curves stay one line in the UI.
-    tracker = make_tracker(cfg, ds, run_name, env.rank, resume_run_id=(state or {}).get("run_id"))
+    # Rank 0 alone tracks. A resumed run continues its MLflow run, so its metric curves stay one line in the UI.
+    tracker = tracker if tracker is not None and env.is_main else NullTracker()
+    tracker.start(cfg, ds, run_name, resume_run_id=(state or {}).get("run_id"))
     tracker.log_params(
         {
             **flatten(cfg),
@@ -284,12 +288,11 @@ def train(cfg: Config, data: Path, *, out_dir: Path, resume: str | None, preset:
         bar.close()
 
         # The end: a health figure, register the EMA generator, close the run.
-        model_uri = None
         if env.is_main and history:
             tracker.log_artifact(health_figure(history, run_dir / "health.png"))
         if env.is_main and cfg.track.register:
-            model_uri = tracker.register_generator(G_ema, cfg, classes, ds.content_hash, metrics)
-        tracker.finish("FINISHED")
+            tracker.register_generator(G_ema, cfg, classes, ds.content_hash, metrics, step=images_seen)
+        tracker.finish("FINISHED")  # catches up what a tracking outage kept (the registration included)
     except BaseException:
         bar.close()
         tracker.finish("FAILED")
@@ -302,7 +305,7 @@ def train(cfg: Config, data: Path, *, out_dir: Path, resume: str | None, preset:
         run_dir=run_dir,
         checkpoint=last_ckpt,
         run_id=tracker.run_id,
-        model_uri=model_uri,
+        model_uri=tracker.model_uri,
         alarms=list(mon.alarms),
         images_seen=images_seen,
         metrics=metrics,

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import sys
-import types
 from pathlib import Path
 
 import pytest
@@ -11,16 +9,9 @@ from train_helpers import RecordingTracker, halves_dataset
 
 
 @pytest.fixture
-def tracker(monkeypatch) -> RecordingTracker:
-    """Route the loop's make_tracker to a RecordingTracker (works before medgan.tracking exists)."""
-    rec = RecordingTracker()
-    if "medgan.tracking" not in sys.modules:
-        try:
-            import medgan.tracking  # noqa: F401
-        except ImportError:
-            monkeypatch.setitem(sys.modules, "medgan.tracking", types.ModuleType("medgan.tracking"))
-    monkeypatch.setattr(sys.modules["medgan.tracking"], "make_tracker", lambda *a, **k: rec, raising=False)
-    return rec
+def tracker() -> RecordingTracker:
+    """A tracker that keeps every call in memory; tests pass it to `train(..., tracker=tracker)`."""
+    return RecordingTracker()
 
 
 @pytest.fixture(scope="session")

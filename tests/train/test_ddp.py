@@ -15,24 +15,20 @@ from medgan.train import checkpoint
 
 DRIVER = textwrap.dedent(
     """
-    import json, os, sys, types
+    import json, os, sys
     from pathlib import Path
     sys.path.insert(0, {tests!r})
     import torch
     torch.set_num_threads(1)
     from train_helpers import RecordingTracker, tiny_config
-    try:
-        import medgan.tracking as tracking
-    except ImportError:
-        tracking = sys.modules["medgan.tracking"] = types.ModuleType("medgan.tracking")
-    tracking.make_tracker = lambda cfg, ds, name, rank=0, **kw: RecordingTracker()
     from medgan.train.loop import train
     cfg = tiny_config(total_kimg=0.064)
     cfg.train.log_every_kimg = 0.032
-    r = train(cfg, Path(sys.argv[1]), out_dir=Path(sys.argv[2]), resume=None, preset="ddp")
+    rec = RecordingTracker()  # every rank's CLI builds one; the loop starts and feeds it on rank 0 only
+    r = train(cfg, Path(sys.argv[1]), out_dir=Path(sys.argv[2]), resume=None, preset="ddp", tracker=rec)
     rank = os.environ["RANK"]
     out = dict(rank=rank, images=r.images_seen, metrics=r.metrics, run_dir=str(r.run_dir), env=r.env,
-               ckpt=str(r.checkpoint))
+               ckpt=str(r.checkpoint), tracked=hasattr(rec, "started") and len(rec.metrics) > 0)
     Path(sys.argv[2], f"rank{{rank}}.json").write_text(json.dumps(out))
     """
 )
@@ -52,6 +48,7 @@ def test_two_process_gloo(halves, tmp_path):
     assert "DDP 2 x gloo" in r0["env"]
     # Health metrics are all-reduced, so every rank sees (and would act on) the same numbers.
     assert r0["metrics"]["loss/d"] == r1["metrics"]["loss/d"]
+    assert r0["tracked"] and not r1["tracked"]  # rank 0 alone tracks
     # Only rank 0 wrote: one run folder with the checkpoints of a 64-image run.
     (run_dir,) = [p for p in out.iterdir() if p.is_dir()]
     assert run_dir.name == Path(r0["run_dir"]).name == Path(r1["run_dir"]).name

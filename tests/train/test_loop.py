@@ -8,7 +8,7 @@ import numpy as np
 from train_helpers import tiny_config
 
 from medgan.models.generator import generate
-from medgan.train.checkpoint import load_generator
+from medgan.tracking.registry import load_generator
 from medgan.train.loop import train
 
 
@@ -16,7 +16,7 @@ def test_generator_learns_the_classes(halves, tmp_path, tracker):
     # Plain setup (no augmentation) with a higher lr so ~250 steps on a width-8 model are enough.
     cfg = tiny_config(total_kimg=2.0, batch_size=8, augment="none", lr_g=5e-4, lr_d=5e-4)
     cfg.train.log_every_kimg, cfg.train.sample_every_kimg, cfg.train.ckpt_every_kimg = 0.5, 1.0, 1.0
-    result = train(cfg, halves, out_dir=tmp_path, resume=None, preset="test")
+    result = train(cfg, halves, out_dir=tmp_path, resume=None, preset="test", tracker=tracker)
 
     loaded = load_generator(result.checkpoint)
     x = generate(loaded.G, [0] * 16 + [1] * 16, list(range(16)) * 2)

@@ -23,7 +23,7 @@ def test_overpowering_fires_on_the_unreduced_small_batch_design(speckle, tmp_pat
     cfg = tiny_config(total_kimg=0.8, batch_size=4, lr_d=2e-3, lr_g=2e-5, augment="none", r1_gamma=0.0)
     cfg.model.d_reduce_channels, cfg.model.spectral_norm = None, False
     cfg.train.log_every_kimg, cfg.train.sample_every_kimg, cfg.train.ckpt_every_kimg = 0.064, 0.8, 0.8
-    result = train(cfg, speckle, out_dir=tmp_path, resume=None, preset="t")
+    result = train(cfg, speckle, out_dir=tmp_path, resume=None, preset="t", tracker=tracker)
     assert any(a.startswith("discriminator overpowering") for a in result.alarms), result.alarms
     assert "alarm/discriminator_overpowering" in tracker.tags
     assert max(m.get("alarm/d_overpowering", 0.0) for _, m in tracker.metrics) == 1.0
@@ -33,7 +33,7 @@ def test_overpowering_fires_on_the_unreduced_small_batch_design(speckle, tmp_pat
 def test_overpowering_quiet_on_the_default_design(speckle, tmp_path, tracker):
     cfg = tiny_config(total_kimg=0.4)
     cfg.train.log_every_kimg, cfg.train.sample_every_kimg, cfg.train.ckpt_every_kimg = 0.064, 0.2, 0.4
-    result = train(cfg, speckle, out_dir=tmp_path, resume=None, preset="t")
+    result = train(cfg, speckle, out_dir=tmp_path, resume=None, preset="t", tracker=tracker)
     assert result.alarms == []
     assert all(m.get("alarm/d_overpowering", 0.0) == 0.0 for _, m in tracker.metrics)
     assert not any(k.startswith("alarm/") for k in tracker.tags)
@@ -50,7 +50,7 @@ def test_nan_stops_with_a_clear_error_and_keeps_the_last_good_checkpoint(halves,
     monkeypatch.setattr(losses, "discriminator_loss", poisoned)
     cfg = tiny_config(total_kimg=0.256)
     with pytest.raises(RuntimeError, match=r"NaN/inf.*last good checkpoint is .*ckpt-000000064\.pt"):
-        train(cfg, halves, out_dir=tmp_path, resume=None, preset="t")
+        train(cfg, halves, out_dir=tmp_path, resume=None, preset="t", tracker=tracker)
     (run_dir,) = tmp_path.iterdir()
     assert checkpoint.latest(run_dir).name == "ckpt-000000064.pt"
     state = checkpoint.load(checkpoint.latest(run_dir))

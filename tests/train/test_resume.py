@@ -6,6 +6,7 @@ import pytest
 import torch
 from train_helpers import halves_dataset, tiny_config
 
+from medgan.tracking.registry import load_generator
 from medgan.train import checkpoint
 from medgan.train.loop import train
 
@@ -31,10 +32,10 @@ def _assert_equal(a, b, path="state"):
 
 
 def test_resume_is_exact(halves, tmp_path, tracker):
-    straight = train(_cfg(0.256), halves, out_dir=tmp_path / "a", resume=None, preset="t")
-    first = train(_cfg(0.128), halves, out_dir=tmp_path / "b", resume=None, preset="t")
+    straight = train(_cfg(0.256), halves, out_dir=tmp_path / "a", resume=None, preset="t", tracker=tracker)
+    first = train(_cfg(0.128), halves, out_dir=tmp_path / "b", resume=None, preset="t", tracker=tracker)
     assert first.checkpoint.name == "ckpt-000000128.pt"
-    resumed = train(_cfg(0.256), halves, out_dir=tmp_path / "b", resume=str(first.run_dir), preset="t")
+    resumed = train(_cfg(0.256), halves, out_dir=tmp_path / "b", resume=str(first.run_dir), preset="t", tracker=tracker)
     assert resumed.run_dir == first.run_dir and resumed.checkpoint.name == "ckpt-000000256.pt"
 
     a, b = checkpoint.load(straight.checkpoint), checkpoint.load(resumed.checkpoint)
@@ -44,26 +45,35 @@ def test_resume_is_exact(halves, tmp_path, tracker):
     assert a["augment"] == b["augment"] and 0 < a["augment"]["p"]
 
     # A checkpoint file works as --resume too; a finished run has nothing left to do.
-    again = train(_cfg(0.256), halves, out_dir=tmp_path / "b", resume=str(resumed.checkpoint), preset="t")
+    again = train(
+        _cfg(0.256), halves, out_dir=tmp_path / "b", resume=str(resumed.checkpoint), preset="t", tracker=tracker
+    )
     assert again.images_seen == 256
 
 
 def test_resume_refuses_another_dataset(halves, tmp_path, tracker):
-    first = train(tiny_config(total_kimg=0.032), halves, out_dir=tmp_path, resume=None, preset="t")
+    first = train(tiny_config(total_kimg=0.032), halves, out_dir=tmp_path, resume=None, preset="t", tracker=tracker)
     other = halves_dataset(tmp_path / "other", n_per_class=16, seed=1)
     with pytest.raises(ValueError, match="content hash .* resume with the same dataset"):
-        train(tiny_config(total_kimg=0.064), other, out_dir=tmp_path, resume=str(first.run_dir), preset="t")
+        train(
+            tiny_config(total_kimg=0.064),
+            other,
+            out_dir=tmp_path,
+            resume=str(first.run_dir),
+            preset="t",
+            tracker=tracker,
+        )
     with pytest.raises(FileNotFoundError, match="no ckpt"):
         checkpoint.resolve(tmp_path)
 
 
 def test_checkpoint_contents_and_loader(halves, tmp_path, tracker):
-    result = train(tiny_config(total_kimg=0.032), halves, out_dir=tmp_path, resume=None, preset="t")
+    result = train(tiny_config(total_kimg=0.032), halves, out_dir=tmp_path, resume=None, preset="t", tracker=tracker)
     state = torch.load(result.checkpoint, weights_only=True)  # plain data only: no pickled modules
     for key in ("G", "D", "G_ema", "opt_g", "opt_d", "augment", "rng", "config", "classes", "dataset_hash"):
         assert key in state
     assert state["config"]["model"]["width"] == 8 and state["classes"] == ["left", "right"]
-    loaded = checkpoint.load_generator(result.run_dir)
+    loaded = load_generator(result.run_dir)
     assert not loaded.G.training and next(loaded.G.parameters()).device.type == "cpu"
     assert loaded.info == {
         "checkpoint": str(result.checkpoint),

@@ -51,6 +51,7 @@ class RecordingTracker:
     """The tracker interface, keeping every call in memory."""
 
     run_id = None
+    model_uri = None
 
     def __init__(self):
         self.metrics: list[tuple[int, dict]] = []
@@ -59,6 +60,9 @@ class RecordingTracker:
         self.params: dict[str, str] = {}
         self.finished: str | None = None
         self.artifacts: list[str] = []
+
+    def start(self, cfg, dataset, run_name, *, resume_run_id=None):
+        self.started = (run_name, resume_run_id)
 
     def log_params(self, params):
         self.params.update(params)
@@ -75,8 +79,11 @@ class RecordingTracker:
     def set_tags(self, tags):
         self.tags.update(tags)
 
-    def register_generator(self, G_ema, cfg, classes, dataset_hash, metrics):
+    def register_generator(self, G_ema, cfg, classes, dataset_hash, metrics, step=0):
         return None
+
+    def missing(self):
+        return []
 
     def finish(self, status="FINISHED"):
         self.finished = status
