@@ -22,7 +22,7 @@ import numpy as np
 from numpy.lib import format as npformat
 
 from medgan import __version__
-from medgan.io import atomic_dir, atomic_write_json, npy_header, read_json, sha256_array_header, start_writeback
+from medgan.io import atomic_dir, atomic_write_json, npy_header, read_json, sha256_array_header
 
 SCHEMA = "medgan.slices/1"
 SPLITS = ("train", "val", "test")
@@ -218,9 +218,7 @@ class SliceWriter:
         self._check_shape(tuple(images.shape))
         chunk = checked_float16(images, self.n, self.out)
         # Plain writes: a memory-mapped output costs a page fault per 4 KB on this path.
-        start = self._file.tell()
         _write_all(self._file, memoryview(chunk).cast("B"))
-        start_writeback(self._file.fileno(), start, chunk.nbytes)
         self._pixels.update(image_digests(chunk))
         self.n += len(chunk)
 
@@ -237,9 +235,8 @@ class SliceWriter:
         if dtype != np.float16 or fortran or len(digests) != 32 * shape[0]:
             raise ValueError(f"{path}: not a float16 C-order image part matching its {len(digests) // 32} digests")
         self._check_shape(tuple(shape))
-        size, start = int(np.prod(shape)) * 2, self._file.tell()
+        size = int(np.prod(shape)) * 2
         _append_file(self._file, path, offset, size)
-        start_writeback(self._file.fileno(), start, size)  # so the fsync in `finish` has little left to wait for
         self._pixels.update(digests)
         self.n += int(shape[0])
 

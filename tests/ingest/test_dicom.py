@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import random
-import warnings
 from pathlib import Path
 
 import nibabel as nib
@@ -137,13 +136,17 @@ def test_truncated_and_non_image_objects_are_skipped(shared_data: Path) -> None:
         refs, skips = discover_series(Path(get_testdata_file(name)))
         assert refs == [] and len(skips) == 1
         reasons[name] = skips[0].reason
-    assert reasons["rtstruct.dcm"] == "not an image: RT Structure Set Storage (RTSTRUCT)"
-    assert reasons["test-SR.dcm"].startswith("not an image:") and "SR" in reasons["test-SR.dcm"]
-    assert reasons["waveform_ecg.dcm"].startswith("not an image:")
-    assert reasons["MR_truncated.dcm"].startswith("truncated or corrupt:")
+    assert reasons["rtstruct.dcm"] == "no pixel data (RT Structure Set Storage)"
+    assert reasons["test-SR.dcm"].startswith("no pixel data (") and "SR" in reasons["test-SR.dcm"]
+    assert reasons["waveform_ecg.dcm"].startswith("no pixel data (")
+    assert (
+        reasons["MR_truncated.dcm"].startswith("truncated: ")
+        and "pixel bytes its header declares" in reasons["MR_truncated.dcm"]
+    )
     odd = require(shared_data / "dicom/odd/pydicom_data_selection")
     refs, skips = discover_series(odd / "emri_small_jpeg_2k_lossless_too_short.dcm")
-    assert refs == [] and skips[0].reason.startswith("truncated or corrupt:")
+    with pytest.raises(ValueError, match="truncated or corrupt pixel data"):
+        read_series(refs[0], pseudonym)
     refs, skips = discover_series(odd / "liver.dcm")
     assert refs == [] and skips[0].reason == "not an image: Segmentation Storage (SEG)"
 
@@ -256,84 +259,3 @@ def test_radiograph_monochrome1_and_modality_lut(shared_data: Path) -> None:
     _, vol = read_one(odd / "mlut_18.dcm")
     lut = pydicom.pixels.apply_modality_lut(ds.pixel_array, ds)
     np.testing.assert_array_equal(vol.array[::-1, ::-1, 0].T, lut)
-
-
-def test_stored_fast_path_equals_pydicom(shared_data: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Uncompressed slices read straight from the file give pydicom's stored values, and the lazy rescale gives
-    the same HU volume and the same normalized slices as the eager float32 path."""
-    from medgan.config import IngestConfig
-    from medgan.ingest import dicom
-    from medgan.ingest.normalize import normalize_volume
-
-    checked = 0
-    import pydicom.data
-
-    local = Path(pydicom.data.__file__).parent / "test_files"  # pydicom's bundled files (no download)
-    for f in [*sorted(local.rglob("*.dcm")), *sorted((shared_data / "dicom").rglob("*.dcm"))]:
-        path = Path(f)
-        try:
-            header, offset = dicom._read(path, header_only=True)
-            layout = dicom._stored_layout([header], dicom._frames(header, 0))
-            if layout is None or header.file_meta.TransferSyntaxUID.is_compressed:
-                continue
-            expected = pydicom.dcmread(path).pixel_array
-        except Exception:
-            continue  # not an image pydicom decodes: covered by the skip tests
-        if expected.ndim != 2:
-            continue
-        out = np.empty(expected.shape, layout[0])
-        if dicom._read_native_into(path, header, offset, out):
-            np.testing.assert_array_equal(out, expected, err_msg=path.name)
-            checked += 1
-    assert checked >= 10  # 12-bit signed/unsigned, 8-bit, CT and MR among them
-
-    ref, lazy = read_one(require(shared_data / "dicom/ct_tcia_kits00072_18slices"))
-    assert lazy.data.dtype.kind in "iu" and lazy.scaled  # stored integers + RescaleIntercept
-    monkeypatch.setattr(dicom, "_stored_layout", lambda *a: None)
-    eager = read_series(discover_series(ref.files[0].parent)[0][0], pseudonym)
-    assert eager.data.dtype == np.float32 and not eager.scaled
-    np.testing.assert_array_equal(lazy.array, eager.array)
-    cfg = IngestConfig(min_foreground_fraction=0.0)
-    a, b = normalize_volume(lazy, cfg), normalize_volume(eager, cfg)
-    np.testing.assert_allclose(a.images.astype(np.float32), b.images.astype(np.float32), atol=2e-3)
-
-
-def test_in_memory_header_equals_dcmread(shared_data: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The header read in memory (`_parse_head`) is element for element what a header-only dcmread gives, with the
-    same Pixel Data offset and encoding, on every pydicom test file and shared DICOM file; files it does not apply
-    to (no preamble, no Pixel Data, cut, not DICOM) go to dcmread and fail or pass exactly as before."""
-    import pydicom.data
-
-    from medgan.ingest import dicom
-
-    local = Path(pydicom.data.__file__).parent / "test_files"
-    files = [f for f in [*sorted(local.rglob("*")), *sorted((shared_data / "dicom").rglob("*"))] if f.is_file()]
-    fallbacks: list[Path] = []
-    parse = dicom._parse
-
-    def counted(fp, header_only: bool):
-        fallbacks.append(Path(fp.name))
-        return parse(fp, header_only)
-
-    monkeypatch.setattr(dicom, "_parse", counted)
-    compared: list[Path] = []
-    for path in files:
-        try:
-            with open(path, "rb") as fp, warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                ref, offset = parse(fp, header_only=True)
-        except Exception as e:
-            with pytest.raises(type(e)):
-                dicom._read(path, header_only=True)
-            continue
-        ds, got_offset = dicom._read(path, header_only=True)
-        assert got_offset == offset and ds.original_encoding == ref.original_encoding, path.name
-        assert [e.tag for e in ds] == [e.tag for e in ref] and ds.file_meta == ref.file_meta, path.name
-        for elem in ref:
-            assert ds[elem.tag].value == elem.value or str(ds[elem.tag].value) == str(elem.value), (path.name, elem.tag)
-        compared.append(path)
-    fast = set(compared) - set(fallbacks)
-    assert len(compared) > 300 and len(fast) > 200, (len(compared), len(fast))
-    # Long private headers (Siemens CSA, ~130 KB) are read in memory too, in a second, longer read.
-    mr = sorted((shared_data / "dicom/mr_decubitus_t1_4positions").rglob("*.dcm"))
-    assert mr and all(f not in fallbacks for f in mr)
