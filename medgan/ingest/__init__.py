@@ -383,13 +383,19 @@ def run_ingest(
         pool.release()
         for s in skips:
             asm.report[s.row] = asm._row(s.row, s.rel, "skipped", s.reason, 0)
-        # Every row's path and reason redacted with the identifiers found in any source (a folder named by a PatientID
-        # that only another row's files carry).
+        skipped_rows = {s.row for s in skips}  # reasons no worker redacted
+        # Every row's path redacted with the identifiers found in any source (a folder named by a PatientID that only
+        # another row's files carry); a reason, already redacted by its worker, names the path the same way.
         redact = Redactor(pseudonym, [s.patient for s in sources if s.patient], asm.hashed)
         rel = {s.row: s.rel for s in [*sources, *skips]}
         report_rows = [asm.report[k] for k in sorted(asm.report)]
         for r in report_rows:
-            r["source"], r["reason"] = redact.path(rel[r["manifest_row"]]), redact.text(r["reason"])
+            shown, final = r["source"], redact.path(rel[r["manifest_row"]])
+            reason = r["reason"].replace(shown, final) if shown else r["reason"]
+            if shown and "/" in shown:
+                reason = reason.replace(shown.rsplit("/", 1)[1], final.rsplit("/", 1)[1])
+            r["source"], r["reason"] = final, redact.text(reason) if r["manifest_row"] in skipped_rows else reason
+            r["reason"] = r["reason"][:300]
         n_ok = sum(r["status"] == "ok" for r in report_rows)
         n_skipped = len(report_rows) - n_ok
         if not asm.slices:

@@ -208,7 +208,7 @@ def _read_header(path: Path, limit_bytes: int) -> tuple[Dataset, bool, int]:
         head = fp.read(132)
         fp.seek(0)
         # Files without the 128-byte preamble are accepted only if they start with a group 0002/0008 element.
-        force = head[128:132] != b"DICM" and head[:2] in (b"\x02\x00", b"\x08\x00")
+        force = head[128:132] != b"DICM" and head[:2] in (b"\x02\x00", b"\x08\x00", b"\x00\x08")
         ds = pydicom.dcmread(fp, stop_before_pixels=True, force=force)
         tsuid = ds.file_meta.get("TransferSyntaxUID")
         if tsuid is not None and UID(tsuid).is_deflated:
@@ -241,10 +241,14 @@ def _int(ds: Dataset, keyword: str, default: int = 0) -> int:
         return default
 
 
-def pixel_bytes(ds: Dataset) -> int:
-    """Bytes the header declares for its decoded pixels: frames x rows x columns x samples x bits allocated / 8."""
+def pixel_bytes(ds: Dataset, stored: bool = False) -> int:
+    """Bytes the header declares for its decoded pixels: frames x rows x columns x samples x bits allocated / 8; with
+    `stored`, as uncompressed Pixel Data holds them (YBR_FULL_422 keeps 2 of every 3 samples)."""
     bits = max(_int(ds, "BitsAllocated", 16), 1)
-    n = _int(ds, "NumberOfFrames", 1) * _int(ds, "Rows") * _int(ds, "Columns") * _int(ds, "SamplesPerPixel", 1)
+    spp = _int(ds, "SamplesPerPixel", 1)
+    n = _int(ds, "NumberOfFrames", 1) * _int(ds, "Rows") * _int(ds, "Columns") * spp
+    if stored and spp == 3 and _text(ds, "PhotometricInterpretation").strip() == "YBR_FULL_422":
+        n = n * 2 // 3
     return max(n, 0) * bits // 8
 
 
@@ -258,12 +262,15 @@ def _size_problem(ds: Dataset, file_size: int, offset: int, limit_bytes: int) ->
     if decoded > limit_bytes:
         return (f"declares {dims} pixels ({decoded >> 20} MB as float32), over ingest.max_volume_mb "
                 f"({limit_bytes >> 20} MB): not read")  # fmt: skip
-    if UID(ds.file_meta.TransferSyntaxUID).is_compressed:
+    tsuid = UID(ds.file_meta.TransferSyntaxUID)
+    if tsuid.is_compressed or tsuid.is_deflated or not offset:
         if declared > max(_SMALL_BYTES, _MAX_RATIO * file_size):
             return f"declares {dims} pixels ({declared >> 20} MB) from a {file_size}-byte file: not read"
-    elif offset + declared > file_size:
+    elif offset + pixel_bytes(ds, stored=True) > file_size:
         have = max(file_size - offset - 12, 0)
-        return f"truncated: {have} of the {declared} pixel bytes its header declares are in the file"
+        return (
+            f"truncated: {have} of the {pixel_bytes(ds, stored=True)} pixel bytes its header declares are in the file"
+        )
     return None
 
 
@@ -280,11 +287,11 @@ def _not_image(ds: Dataset, has_pixels: bool) -> str | None:
     """Reason a header is not an image we can use (RT objects, SR, SEG, waveforms, presentation states...)."""
     name = _sop_name(ds)
     if not has_pixels:
-        return f"no pixel data ({name or 'unknown SOP class'})"
+        return f"no pixel data ({name or 'no known SOP class'})"
     if name and "Image Storage" not in name:
         return f"not an image: {name} ({_text(ds, 'Modality') or '?'})"
     if not (_int(ds, "Rows") and _int(ds, "Columns")):
-        return f"no image size (Rows/Columns) in the header ({name})"
+        return "no image size (Rows/Columns) in the header" + (f" ({name})" if name else "")
     return None
 
 

@@ -214,6 +214,18 @@ def _check_split_conflicts(sources: list[Source], manifest: Path) -> None:
         )
 
 
+def _entry_problem(path: Path, folder: Path) -> str | None:
+    """Why a discovered entry is not read (a link out of the folder, a FIFO, a device, a broken link), or None."""
+    if path.is_dir() and not path.is_symlink():
+        return None
+    from medgan.ingest.dicom import regular_file_problem
+
+    if path.is_dir():  # a symlinked folder: read only when it stays inside
+        inside = Path(os.path.realpath(path)).is_relative_to(os.path.realpath(folder))
+        return None if inside else "symlink leads outside the folder: not read"
+    return regular_file_problem(path, folder)
+
+
 def discover_folder(folder: Path, cfg: IngestConfig) -> tuple[list[Source], list[Skip], str]:
     """Sources from a folder of class sub-folders: ``folder/<class>/<item>``.
 
@@ -235,7 +247,7 @@ def discover_folder(folder: Path, cfg: IngestConfig) -> tuple[list[Source], list
     for name in classes:
         cdir = folder / name
         entries = sorted(e for e in cdir.iterdir() if not e.name.startswith("."))
-        loose = [e for e in entries if e.is_file() and not is_nifti(e) and not is_image2d(e)]
+        loose = [e for e in entries if not e.is_dir() and not is_nifti(e) and not is_image2d(e)]
         subdirs = [e for e in entries if e.is_dir()]
         items: list[tuple[Path, str]] = []
         for e in entries:
@@ -264,7 +276,10 @@ def discover_folder(folder: Path, cfg: IngestConfig) -> tuple[list[Source], list
         for path, kind in items:
             row += 1
             rel = path.relative_to(folder).as_posix()
-            if allowed and name not in allowed:
+            problem = _entry_problem(path, folder)
+            if problem:
+                skips.append(Skip(row, rel, problem))
+            elif allowed and name not in allowed:
                 skips.append(Skip(row, rel, f"unknown label {name!r}; ingest.classes allows {sorted(allowed)}"))
             elif kind == "dicom" and not _has_files(path):
                 skips.append(Skip(row, rel, "empty folder"))

@@ -11,6 +11,7 @@ import contextlib
 import hashlib
 import json
 import os
+import stat
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -60,9 +61,13 @@ def _stats(path: Path | None) -> tuple[list[str], int]:
     for dirpath, dirnames, files in os.walk(path):
         dirnames.sort()
         for f in sorted(files):
-            st = os.stat(os.path.join(dirpath, f))
-            out.append(f"{os.path.relpath(os.path.join(dirpath, f), path)}:{st.st_size}:{st.st_mtime_ns}")
-            total += st.st_size
+            full = os.path.join(dirpath, f)
+            try:
+                st = os.stat(full)
+            except OSError:  # a dangling symlink or a loop: skipped when read; its own state is what counts
+                st = os.lstat(full)
+            out.append(f"{os.path.relpath(full, path)}:{st.st_size}:{st.st_mtime_ns}")
+            total += st.st_size if stat.S_ISREG(st.st_mode) else 0
     return out, total
 
 
