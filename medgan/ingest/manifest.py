@@ -218,7 +218,7 @@ def _entry_problem(path: Path, folder: Path) -> str | None:
     """Why a discovered entry is not read (a link out of the folder, a FIFO, a device, a broken link), or None."""
     if path.is_dir() and not path.is_symlink():
         return None
-    from medgan.ingest.dicom import regular_file_problem
+    from medgan.ingest.headers import regular_file_problem
 
     if path.is_dir():  # a symlinked folder: read only when it stays inside
         inside = Path(os.path.realpath(path)).is_relative_to(os.path.realpath(folder))

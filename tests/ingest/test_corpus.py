@@ -30,10 +30,18 @@ MAX_RSS_MB = 1500  # the whole ingest process; a bomb read would need 1-8 GB
 _UNEXPLAINED = re.compile(r"^(\w+Error|Exception|worker failed)\b|Traceback")
 
 
+def pydicom_test_files() -> list[Path]:
+    """Every file pydicom ships as test data (test_files and charset_files, recursively: what ``get_testdata_files``
+    lists offline, without its attempt to download more)."""
+    import pydicom.data
+
+    base = Path(pydicom.data.__file__).parent
+    return sorted(p for d in ("test_files", "charset_files") for p in (base / d).rglob("*")
+                  if p.is_file() and "__pycache__" not in p.parts)  # fmt: skip
+
+
 def _corpus(shared_data: Path, root: Path) -> list[str]:
     """Copy the corpus under `root` (a copy: a symlink out of the root would be refused); the rows' paths."""
-    from pydicom.data import get_testdata_files
-
     rows = []
     odd = require(shared_data / "dicom" / "odd")
     for f in sorted(p for p in odd.rglob("*") if p.is_file()):
@@ -41,10 +49,10 @@ def _corpus(shared_data: Path, root: Path) -> list[str]:
         (root / rel).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(f, root / rel)
         rows.append(rel.as_posix())
-    for i, f in enumerate(sorted(get_testdata_files())):
+    for i, f in enumerate(pydicom_test_files()):
         rel = Path("pydicom") / f"{i:03d}_{Path(f).name}"
         (root / rel).parent.mkdir(parents=True, exist_ok=True)
-        (shutil.copytree if Path(f).is_dir() else shutil.copy)(f, root / rel)  # a folder: one DICOM folder row
+        shutil.copy(f, root / rel)
         rows.append(rel.as_posix())
     crafted = root / "crafted"
     crafted.mkdir()

@@ -259,3 +259,45 @@ def test_radiograph_monochrome1_and_modality_lut(shared_data: Path) -> None:
     _, vol = read_one(odd / "mlut_18.dcm")
     lut = pydicom.pixels.apply_modality_lut(ds.pixel_array, ds)
     np.testing.assert_array_equal(vol.array[::-1, ::-1, 0].T, lut)
+
+
+def test_the_reader_equals_plain_pydicom_on_every_pydicom_test_file_it_reads() -> None:
+    """Every pydicom test file that medgan reads gives, value for value, ``pixel_array`` through
+    ``apply_modality_lut`` (MONOCHROME1 mirrored, colour as BT.601 luminance), in the reader's own layout."""
+    from pydicom.pixels import apply_color_lut, apply_modality_lut
+
+    from tests.ingest.test_corpus import pydicom_test_files
+
+    checked = 0
+    for f in pydicom_test_files():
+        if not f.is_file():
+            continue
+        refs, _ = discover_series(f, min_series_slices=1)
+        if len(refs) != 1:
+            continue
+        try:
+            vol = read_series(refs[0], pseudonym)
+        except ValueError:
+            continue  # a reason, tested elsewhere (the corpus test)
+        ds = pydicom.dcmread(f)
+        if "PerFrameFunctionalGroupsSequence" in ds or ds.get("NumberOfFrames", 1) not in (1, None):
+            continue  # per-frame rescale and frame ordering: the multi-frame tests
+        raw = ds.pixel_array
+        photometric = ds.PhotometricInterpretation
+        if photometric in ("RGB", "YBR_FULL", "YBR_FULL_422", "YBR_ICT", "YBR_RCT", "PALETTE COLOR"):
+            rgb = apply_color_lut(raw, ds) if photometric == "PALETTE COLOR" else raw
+            want = (np.asarray(rgb, np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)).astype(np.float32)
+        else:
+            want = np.asarray(apply_modality_lut(raw, ds), np.float32)
+            if photometric == "MONOCHROME1":
+                bits, signed = int(ds.BitsStored), int(ds.get("PixelRepresentation", 0))
+                ends = np.array([-(2 ** (bits - 1)), 2 ** (bits - 1) - 1] if signed else [0, 2**bits - 1])
+                lo, hi = np.asarray(apply_modality_lut(ends, ds), np.float64)
+                want = (lo + hi - want).astype(np.float32)
+        got = vol.array[:, :, 0]
+        # The reader's layout: [columns, rows] with both axes reversed, or the canonical axial slice (flips only).
+        candidates = [got[::-1, ::-1].T, got.T, got[::-1].T, got[:, ::-1].T]
+        assert any(c.shape == want.shape and np.array_equal(c, want) for c in candidates), f.name
+        checked += 1
+    print(f"held against pydicom: {checked} files")
+    assert checked >= 60, checked

@@ -314,13 +314,14 @@ def test_workers_exit_when_the_parent_is_killed(tmp_path):
         import time
         from pathlib import Path
         import medgan.ingest as ingest
+        import medgan.ingest.pool as pool
         import medgan.ingest.worker as worker
         from medgan.config import load_config
 
         def slow(task):  # a long read: the parent is killed meanwhile
             time.sleep(120)
 
-        worker.run_task = ingest.run_task = slow
+        worker.run_task = pool.run_task = slow
         tmp = Path({str(tmp_path)!r})
         ingest.run_ingest(load_config(sets=["ingest.workers=2"]), tmp / "ds", manifest=tmp / "m.csv",
                           root=tmp / "root", key_file=tmp / "key" / "k", progress=False)

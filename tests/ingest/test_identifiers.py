@@ -7,6 +7,7 @@ which manifest row and which file a line means, so those path components become 
 from __future__ import annotations
 
 import csv
+import re
 import shutil
 from pathlib import Path
 
@@ -41,15 +42,23 @@ def _identifiers(files: list[Path]) -> set[str]:
 
 def _assert_clean(out: Path, summary: str, identifiers: set[str]) -> None:
     """No identifier in the text of any output file or the summary; long ones (UIDs) not even in the binary files
-    (a 3-byte name could occur in pixel bytes by chance)."""
+    (a 3-byte name could occur in pixel bytes by chance). Short ones are matched as whole words (not inside a hex
+    pseudonym), and short numbers (a StudyID of "134") only in the paths: a slice index may be 134 too."""
+    import json
+
     text = [p.read_text(errors="replace").lower() for p in out.rglob("*") if p.suffix in (".csv", ".json")]
     binary = [p.read_bytes() for p in out.rglob("*") if p.is_file()]
-    assert len(text) >= 3
-    for ident in (i for i in identifiers if len(i) >= 3):  # "1" or "MR" identify nobody and are everywhere
-        for t in [*text, summary.lower()]:
-            assert ident.lower() not in t, f"identifier {ident!r} in an output"
+    with open(out / "report.csv", newline="") as f:
+        paths = [r["source"].lower() for r in csv.DictReader(f)]
+    paths += [p.lower() for p in json.loads((out / "dataset.json").read_text())["provenance"]["sources"]]
+    assert len(text) >= 3 and paths
+    for ident in (i.lower() for i in identifiers if len(i) >= 3):  # "1" or "MR" identify nobody and are everywhere
+        word = re.compile(rf"(?<![0-9a-z]){re.escape(ident)}(?![0-9a-z])")
+        short_number = ident.isdigit() and len(ident) < 6
+        for t in paths if short_number else [*text, summary.lower()]:
+            assert not word.search(t), f"identifier {ident!r} in an output"
         if len(ident) >= 8:
-            assert not any(ident.encode() in b for b in binary), f"identifier {ident!r} in an output file"
+            assert not any(ident.encode() in b.lower() for b in binary), f"identifier {ident!r} in an output file"
 
 
 def _cfg(*sets: str):
