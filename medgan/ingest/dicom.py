@@ -72,6 +72,7 @@ class ScannedFile:
         n_frames: frames in the file.
         tags: Modality and the `SeriesRef.label_tags`.
         identifiers: its identifying header values.
+        header: its parsed header (kept for `read_series` in the same process).
     """
 
     path: Path
@@ -80,6 +81,7 @@ class ScannedFile:
     n_frames: int
     tags: dict[str, str]
     identifiers: set[str]
+    header: Dataset | None = None
 
 
 @quiet
@@ -166,7 +168,7 @@ def scan_files(paths: list[Path], source: Path, max_volume_mb: float = 4096) -> 
         # Files without geometry stay alone; their key part is the path below `source`, stable wherever data moves.
         alone = (path.relative_to(source).as_posix() if source.is_dir() else path.name) if iop is None else ""
         n_frames = max(number(ds, "NumberOfFrames", 1), 1)
-        out.append(ScannedFile(path, (uid, geom, alone), positions, n_frames, tags, identifiers(ds)))
+        out.append(ScannedFile(path, (uid, geom, alone), positions, n_frames, tags, identifiers(ds), ds))
     return out, skips
 
 
@@ -203,7 +205,9 @@ def group_series(
             skips.append(Skip(members[0].path, reason, ids))
         else:
             label_tags = {t: tags.get(t, "") for t in TAGS[1:]}
-            series.append(SeriesRef(key, [m.path for m in members], tags.get("Modality") or "OT", n, label_tags, ids))
+            headers = [m.header for m in members] if all(m.header is not None for m in members) else []
+            modality = tags.get("Modality") or "OT"
+            series.append(SeriesRef(key, [m.path for m in members], modality, n, label_tags, ids, headers))
     series.sort(key=lambda s: s.files[0])
     return series, skips
 
@@ -296,7 +300,7 @@ def read_series(series: SeriesRef, pseudonym: Callable[[str], str]) -> Volume:
     headers, frames = [], []
     for i, path in enumerate(series.files):
         try:
-            ds = pydicom.dcmread(path, stop_before_pixels=True, force=True)
+            ds = series.headers[i] if series.headers else pydicom.dcmread(path, stop_before_pixels=True, force=True)
         except Exception as e:
             raise ValueError(f"corrupt header: {clean(e, path)}") from e
         headers.append(ds)

@@ -55,6 +55,8 @@ class SeriesRef:
         label_tags: non-identifying header values for label mapping: SeriesDescription, ProtocolName, BodyPartExamined,
             ImageType (values joined by a backslash) and SeriesNumber ("" when absent).
         identifiers: the identifying header values of its files (`IDENTIFYING`), to scrub from outputs.
+        headers: the files' headers as discovery read them (`read_series` then parses each file's header once more,
+            with its pixels, instead of twice); empty for a hand-made SeriesRef.
     """
 
     key: str
@@ -63,6 +65,7 @@ class SeriesRef:
     n_slices: int
     label_tags: dict[str, str] = field(default_factory=dict)
     identifiers: set[str] = field(default_factory=set, repr=False, compare=False)
+    headers: list[Dataset] = field(default_factory=list, repr=False, compare=False)  # from discovery, if kept
 
 
 @dataclass
