@@ -8,6 +8,7 @@ from anything it writes (`privacy.Redactor`).
 
 from __future__ import annotations
 
+import errno
 import functools
 import os
 import re
@@ -104,7 +105,7 @@ def regular_file_problem(path: Path, root: Path | None = None) -> str | None:
         st = os.stat(path)  # follows symlinks
     except OSError as e:
         if os.path.islink(path):
-            return "symlink loop" if e.errno == 40 else "dangling symlink (its target does not exist)"
+            return "symlink loop" if e.errno == errno.ELOOP else "dangling symlink (its target does not exist)"
         return f"cannot stat ({os.strerror(e.errno) if e.errno else type(e).__name__})"
     if not stat.S_ISREG(st.st_mode):
         return "not a regular file (FIFO, socket or device): not read"

@@ -35,7 +35,7 @@ def load_key(key_file: str | os.PathLike, *, dataset: str | os.PathLike | None =
     Args:
         key_file: where the key lives (e.g. `DEFAULT_KEY_FILE`).
         dataset: the dataset folder being written; the key must not live inside it or any folder ingest deletes
-            (``<dataset>.partial``, ``<dataset>.parts``).
+            (``<dataset>.partial``, ``<dataset>.parts``, ``<dataset>.old``).
 
     Returns:
         The key bytes.
@@ -47,7 +47,7 @@ def load_key(key_file: str | os.PathLike, *, dataset: str | os.PathLike | None =
     if dataset is not None:
         ds = Path(dataset).expanduser().resolve()
         kf = key_file.resolve()
-        for d in (ds, ds.with_name(ds.name + ".partial"), ds.with_name(ds.name + ".parts")):
+        for d in (ds, *(ds.with_name(ds.name + suffix) for suffix in (".partial", ".parts", ".old"))):
             if kf == d or d in kf.parents:
                 raise ValueError(
                     f"key file {key_file} lies inside {d.name}, a folder ingest writes and may delete; keep the "

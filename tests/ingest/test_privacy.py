@@ -34,7 +34,7 @@ def test_key_file_created_private_and_reused(tmp_path):
     kf.chmod(0o644)
     with pytest.warns(UserWarning, match="can be read by other users"):
         assert load_key(kf) == key
-    for inside in ("ds", "ds.partial", "ds.parts"):  # ingest writes and deletes these
+    for inside in ("ds", "ds.partial", "ds.parts", "ds.old"):  # ingest writes and deletes these
         with pytest.raises(ValueError, match=f"lies inside {inside}, a folder ingest writes"):
             load_key(tmp_path / inside / "key", dataset=tmp_path / "ds")
     assert not (tmp_path / "ds").exists()

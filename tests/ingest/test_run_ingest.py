@@ -315,3 +315,21 @@ def test_the_pool_gets_the_largest_sources_first(nifti_root, tmp_path):
     order = [t.sources[0].row for t in largest_first(tasks)]
     big, small = (2, 1) if tasks[1].size > tasks[0].size else (1, 2)
     assert order == [big, big + 2, small, small + 2]
+
+
+def test_the_cli_refuses_an_existing_out_unless_overwrite(nifti_root, tmp_path):
+    from click.testing import CliRunner
+
+    from medgan.cli import main
+
+    manifest = _two_volumes(nifti_root, "cli.csv")
+    args = ["ingest", "--manifest", str(manifest), "--out", str(tmp_path / "ds"), "--workers", "1"]
+    args += ["--key-file", str(tmp_path / "key" / "k")]
+    runner = CliRunner()
+    assert runner.invoke(main, args).exit_code == 0
+    refused = runner.invoke(main, args)
+    assert refused.exit_code == 1 and "already exists; pass --overwrite" in refused.output
+    assert runner.invoke(main, [*args, "--overwrite"]).exit_code == 0
+    (tmp_path / "mine").mkdir()
+    other = runner.invoke(main, [*args[:4], str(tmp_path / "mine"), *args[5:], "--overwrite"])
+    assert other.exit_code == 1 and "is not a medgan dataset" in other.output and (tmp_path / "mine").is_dir()
