@@ -11,8 +11,7 @@ import numpy as np
 import pydicom
 import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.pixels import get_decoder
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, JPEG2000Lossless, generate_uid
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
 from medgan.ingest.dicom import SeriesRef, discover_series, read_series
 from tests.conftest import require
@@ -151,15 +150,47 @@ def test_truncated_and_non_image_objects_are_skipped(shared_data: Path) -> None:
     assert refs == [] and skips[0].reason == "not an image: Segmentation Storage (SEG)"
 
 
-def test_missing_decoder_plugin_names_the_package(shared_data: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_missing_decoder_plugin_names_the_package(shared_data: Path, tmp_path: Path) -> None:
+    """Without the decoder plugins (removed through pydicom's public `remove_plugin`, in a fresh process), a JPEG 2000
+    series is skipped with the package to install; a transfer syntax pydicom cannot decode at all says so."""
+    import os
+    import subprocess
+    import sys
+
     folder = require(shared_data / "dicom/ct_totalsegmentator_j2k_20slices/series")
-    ref = discover_series(folder)[0][0]
-    monkeypatch.setattr(get_decoder(JPEG2000Lossless), "_available", {})
-    refs, skips = discover_series(folder)
-    assert refs == [] and len(skips) == 20
-    assert "no decoder plugin (install pylibjpeg-openjpeg)" in skips[0].reason
-    with pytest.raises(ValueError, match="pylibjpeg-openjpeg"):
-        read_series(ref, pseudonym)
+    script = f"""
+import json
+from pathlib import Path
+from pydicom.pixels import get_decoder
+from pydicom.uid import JPEG2000Lossless
+from medgan.ingest.dicom import discover_series, read_series
+ref = discover_series(Path({str(folder)!r}))[0][0]
+decoder = get_decoder(JPEG2000Lossless)
+for plugin in list(decoder.available_plugins):
+    decoder.remove_plugin(plugin)
+refs, skips = discover_series(Path({str(folder)!r}))
+try:
+    read_series(ref, str)
+    error = ""
+except ValueError as e:
+    error = str(e)
+print(json.dumps([len(refs), len(skips), skips[0].reason, error]))
+"""
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    import json
+
+    n_refs, n_skips, reason, error = json.loads(out.stdout.splitlines()[-1])
+    assert n_refs == 0 and n_skips == 20
+    assert "no decoder plugin (install pylibjpeg-openjpeg)" in reason and "pylibjpeg-openjpeg" in error
+    from pydicom.uid import MPEG2MPML
+
+    ds = pydicom.dcmread(folder / sorted(p.name for p in folder.iterdir())[0])
+    ds.file_meta.TransferSyntaxUID = MPEG2MPML
+    ds.save_as(tmp_path / "mpeg.dcm")
+    refs, skips = discover_series(tmp_path / "mpeg.dcm")
+    assert refs == [] and "pydicom has no decoder for this transfer syntax" in skips[0].reason
 
 
 def test_kits_ct_in_hu(shared_data: Path) -> None:
