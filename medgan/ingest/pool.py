@@ -7,14 +7,15 @@ import sys
 import time
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
 from medgan.ingest.worker import Task, run_task
 
 
 class Workers:
-    """The ingest's process pool, shared by the header scan and the work items and started on first use (so a run
-    that needs none forks nothing). Leaving the block with an error cancels what has not started."""
+    """The ingest's process pool, started on first use (so a run that needs none forks nothing). Leaving the block
+    with an error cancels what has not started."""
 
     def __init__(self, n: int):
         self.n = n
@@ -96,16 +97,33 @@ def execute(tasks: list[Task], pool: Workers, progress: bool, on_done: Callable[
                 done(t, run_task(t))
             return
         futures = {pool.get().submit(run_task, t): t for t in largest_first(tasks)}
-        pending = set(futures)
+        pending, broken = set(futures), []
         while pending:
             finished, pending = wait(pending, return_when=FIRST_COMPLETED)
             for f in finished:
-                t = futures[f]
                 try:
-                    res = f.result()
-                except Exception as e:  # a crashed worker: report its sources, do not write a part
-                    reason = f"worker failed: {type(e).__name__}: {e}".replace("\n", " ")[:300]
-                    res = {"failed": reason, "n_slices": 0}
-                done(t, res)
+                    done(futures[f], f.result())
+                except BrokenProcessPool:  # a worker died (a decoder crash, the OOM killer): which task is unknown
+                    broken.append(futures[f])
+                except Exception as e:
+                    done(futures[f], _failed(e))
+        # Each task the dead worker took down with it runs again alone, so one bad source only fails itself.
+        pool.reset()
+        for t in broken:
+            alone = Workers(1)
+            try:
+                done(t, alone.get().submit(run_task, t).result())
+            except Exception as e:
+                done(t, _failed(e, crashed=isinstance(e, BrokenProcessPool)))
+            finally:
+                alone.reset()
     finally:
         bar.close()
+
+
+def _failed(e: BaseException, crashed: bool = False) -> dict:
+    """The summary of a task whose worker raised (or died: `crashed`); its sources are reported, no part written."""
+    what = (
+        "the worker reading it died (a crash in a decoder, or out of memory)" if crashed else f"{type(e).__name__}: {e}"
+    )
+    return {"failed": f"worker failed: {what}".replace("\n", " ")[:300], "n_slices": 0}

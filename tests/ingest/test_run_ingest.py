@@ -333,3 +333,25 @@ def test_the_cli_refuses_an_existing_out_unless_overwrite(nifti_root, tmp_path):
     (tmp_path / "mine").mkdir()
     other = runner.invoke(main, [*args[:4], str(tmp_path / "mine"), *args[5:], "--overwrite"])
     assert other.exit_code == 1 and "is not a medgan dataset" in other.output and (tmp_path / "mine").is_dir()
+
+
+def _crash_on_ct(task):
+    """A worker that dies on the CT volume (as a decoder segfault would) and reads the others."""
+    if any("ct" in s.rel for s in task.sources):
+        os._exit(1)
+    return worker.run_task(task)
+
+
+def test_a_source_that_kills_its_worker_fails_alone_and_the_rest_lands(nifti_root, tmp_path, monkeypatch):
+    import medgan.ingest.pool as pool
+
+    manifest = _write_manifest(
+        nifti_root / "crash.csv",
+        [{"source": "ts/example_mr_sm.nii.gz", "label": "mr", "modality": "MR"},
+         {"source": "ts/example_ct_sm.nii.gz", "label": "ct", "modality": "CT"},
+         {"source": "ts/example_seg_mr.nii.gz", "label": "mr", "modality": "MR"}],
+    )  # fmt: skip
+    monkeypatch.setattr(pool, "run_task", _crash_on_ct)  # the forked workers inherit it
+    rep = run_ingest(_cfg("ingest.workers=2"), tmp_path / "ds", manifest=manifest, key_file=tmp_path / "k")
+    assert [r["status"] for r in rep.report] == ["ok", "skipped", "ok"]
+    assert rep.report[1]["reason"].startswith("worker failed: the worker reading it died")
