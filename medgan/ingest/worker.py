@@ -93,8 +93,9 @@ def _reason(e: BaseException, src: Source, root: Path, redact: Redactor) -> str:
     shown = redact.path(src.rel)
     for p, rel in ((src.path.resolve(), shown), (src.path, shown), (root.resolve(), "<root>"), (root, "<root>")):
         msg = msg.replace(str(p), rel)
-    if src.path.name not in shown:
-        msg = msg.replace(src.path.name, redact.path(src.path.name))
+    for name in (src.path.name, src.mask.name if src.mask is not None else ""):
+        if name and name not in shown:
+            msg = msg.replace(name, redact.path(name))
     return " ".join(redact.text(msg).split())[:300]
 
 

@@ -138,3 +138,17 @@ def test_the_key_is_never_written_inside_the_dataset_or_its_parts(tmp_path):
     with pytest.raises(ValueError, match="ds.parts, a folder ingest writes"):
         run_ingest(_cfg(), tmp_path / "ds", manifest=manifest, root=root, key_file=tmp_path / "ds.parts" / "k")
     assert not (tmp_path / "ds.parts" / "k").exists()
+
+
+def test_a_mask_named_by_an_id_is_redacted_in_its_reason(tmp_path):
+    import nibabel as nib
+    import numpy as np
+
+    root = tmp_path / "root"
+    root.mkdir()
+    nib.save(nib.Nifti1Image(np.zeros((4, 4, 4), np.int16), np.eye(4)), root / "ct.nii.gz")
+    nib.save(nib.Nifti1Image(np.zeros((4, 4), np.int16), np.eye(4)), root / "77654033_seg.nii.gz")
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("source,label,mask\nct.nii.gz,,77654033_seg.nii.gz\n")
+    rep = run_ingest(_cfg(), tmp_path / "ds", manifest=manifest, root=root, key_file=tmp_path / "k", progress=False)
+    assert "a label map must be 3-D" in rep.report[0]["reason"] and "77654033" not in rep.summary()
