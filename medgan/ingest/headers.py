@@ -87,13 +87,24 @@ def clean(msg: object, path: Path | None = None) -> str:
 
 
 def quiet(fn: Callable) -> Callable:
-    """Silence pydicom's warnings inside `fn`: they can quote file names and element values (UIDs)."""
+    """Silence pydicom's warnings inside `fn`: they can quote file names and element values (UIDs).
+
+    pydicom's value validation on reading only ever warns, so it is switched off too (``reading_validation_mode``,
+    pydicom's own setting): it is silenced anyway, and it costs about as much as converting the values. A value
+    pydicom cannot convert at all still raises.
+    """
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        settings = pydicom.config.settings
+        mode = settings.reading_validation_mode
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            return fn(*args, **kwargs)
+            settings.reading_validation_mode = pydicom.config.IGNORE
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                settings.reading_validation_mode = mode
 
     return wrapper
 
