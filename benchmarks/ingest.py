@@ -6,12 +6,10 @@ slices/s and peak memory of medgan (reader + `normalize_volume`) and of the base
 ``Orientation`` + ``ScaleIntensityRange`` + ``Resize`` per volume), each in a fresh process so peak RSS is its own.
 Each process runs its pipeline ``--repeats`` times: the first run is reported as ``cold`` (imports done, but first
 use of every buffer), the median of the others as the headline ``slices_per_s`` (a worker ingesting many volumes is
-warm). medgan's process also times a reference right after each run (the bare gunzip of a ``.nii.gz``, the floor
-under its reader; pydicom's bare ``dcmread`` header parse of a DICOM folder, the issue's anchor), so the fraction of
-that reference is measured on one machine state even on a noisy VM. Also: the bare gzip decode rate (stdlib and
-isal), pydicom's bare header-parse rate, normalize + resize alone (ms/slice), and `run_ingest` with 1 vs 2 workers on
-12 volumes (one manifest row each) and on one row holding a DICOM tree of 12 series (1,200 files: its header scan and
-series are spread over the workers).
+warm). medgan's process also times a reference right after each run (the bare stdlib gunzip of a ``.nii.gz``, the
+floor under its reader; pydicom's bare ``dcmread`` header parse of a DICOM folder), so the fraction of that reference
+is measured on one machine state even on a noisy VM. Also: the bare gzip decode rate, pydicom's bare header-parse
+rate, normalize + resize alone (ms/slice), and `run_ingest` with 1 vs 2 workers on 12 volumes (one manifest row each).
 Results are merged into ``benchmarks/results/cpu.json`` under ``"ingest"`` (other keys are kept).
 
 Usage:
@@ -22,7 +20,6 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import contextlib
 import gzip
 import json
 import multiprocessing as mp
@@ -96,13 +93,13 @@ def write_nifti(path: Path, n: int, size: int = 512) -> Path:
 def _medgan(kind: str, path: str) -> int:
     from medgan.config import IngestConfig
     from medgan.ingest import dicom
-    from medgan.ingest.nifti import open_volume
+    from medgan.ingest.nifti import read_nifti
     from medgan.ingest.normalize import normalize_volume
     from medgan.ingest.privacy import Pseudonymizer
 
     cfg = IngestConfig(min_foreground_fraction=0.0)
-    if kind == "nifti":  # as ingest reads it: a .nii.gz streamed slab by slab (`NiftiStream`)
-        vol = open_volume(path, modality="CT")
+    if kind == "nifti":
+        vol = read_nifti(path, modality="CT")
         return len(normalize_volume(vol, cfg).images)
     series, _ = dicom.discover_series(Path(path))
     return sum(len(normalize_volume(dicom.read_series(s, Pseudonymizer(b"k" * 32)), cfg).images) for s in series)
@@ -131,46 +128,30 @@ def _child(fn_name: str, kind: str, path: str, repeats: int, q) -> None:
     import monai.transforms  # noqa: F401  (imports outside the timed region for both)
 
     import medgan.ingest.dicom  # noqa: F401
-    from medgan.ingest.worker import large_buffers_reused
 
-    # medgan's reader runs under the allocator setting `run_ingest` gives its workers (`large_buffers_reused`), with its
-    # reference; the baseline is MONAI as a user runs it, with glibc's defaults.
-    with large_buffers_reused() if fn_name == "medgan" else contextlib.nullcontext():
-        ref = _reference(kind, path) if fn_name == "medgan" else None
-        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        times, ref_times = [], []
-        for i in range(repeats):
+    ref = _reference(kind, path) if fn_name == "medgan" else None
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    times, ref_times = [], []
+    for i in range(repeats):
+        t0 = time.perf_counter()
+        n = fn(kind, path)
+        times.append(time.perf_counter() - t0)
+        if i == 0:  # the pipeline's own peak: before the reference (a decode buffer of its own) first runs
+            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        if ref is not None:  # the floor, timed right after each run: both see the same machine state
             t0 = time.perf_counter()
-            n = fn(kind, path)
-            times.append(time.perf_counter() - t0)
-            if i == 0:  # the pipeline's own peak: before the reference (a decode buffer of its own) first runs
-                peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-            if ref is not None:  # the floor, timed right after each run: both see the same machine state
-                t0 = time.perf_counter()
-                ref()
-                ref_times.append(time.perf_counter() - t0)
+            ref()
+            ref_times.append(time.perf_counter() - t0)
     q.put({"slices": n, "times": times, "ref_times": ref_times, "peak_mb": round((peak - base) / 1024, 1)})
 
 
 def _reference(kind: str, path: str):
-    """The reference for this input, as a callable: the bare isal (else stdlib) gunzip of a .nii.gz into a buffer
-    allocated once (the floor under medgan's reader: the decode alone), or pydicom's bare ``dcmread`` header parse of
-    every file of a DICOM folder (the issue's anchor; medgan parses headers in memory, at about half its cost); None
-    for other inputs."""
+    """The reference for this input, as a callable: the bare stdlib gunzip of a .nii.gz (the floor under medgan's
+    reader: the decode alone), or pydicom's bare ``dcmread`` header parse of every file of a DICOM folder; None for
+    other inputs."""
     if kind == "nifti" and path.endswith(".gz"):
         raw = Path(path).read_bytes()
-        try:
-            from isal.isal_zlib import _GzipReader
-        except ImportError:
-            return lambda: gzip.decompress(raw)
-        out = memoryview(np.empty(len(_GzipReader(raw).readall()), np.uint8))  # allocated once: the decode alone
-
-        def decode() -> None:
-            reader, n = _GzipReader(raw), 0
-            while n < len(out) and (k := reader.readinto(out[n:])):
-                n += k
-
-        return decode
+        return lambda: gzip.decompress(raw)
     if kind == "dicom":
         import pydicom
 
@@ -215,16 +196,10 @@ def header_rate(folder: Path) -> float:
 
 
 def decode_rates(path: Path, n_slices: int) -> dict:
-    """Bare in-memory gzip decode rates (best of 3), stdlib and isal, in slices/s."""
+    """Bare in-memory gzip decode rate (best of 3, stdlib), in slices/s."""
     raw = path.read_bytes()
     out = {}
     decoders = {"stdlib_gzip_slices_per_s": gzip.decompress}
-    try:
-        from isal import igzip
-
-        decoders["isal_slices_per_s"] = igzip.decompress
-    except ImportError:
-        pass
     for name, fn in decoders.items():
         best = float("inf")
         for _ in range(3):
@@ -289,7 +264,7 @@ def _one_vs_two(manifest: Path, tmp: Path, rounds: int) -> dict:
             cfg = load_config(sets=[f"ingest.workers={w}", "ingest.min_foreground_fraction=0"])
             shutil.rmtree(tmp / f"ds{w}", ignore_errors=True)
             t0 = time.perf_counter()
-            rep = run_ingest(cfg, tmp / f"ds{w}", manifest=manifest, key_file=tmp / "k.key", progress=False)
+            rep = run_ingest(cfg, tmp / f"ds{w}", manifest=manifest, key_file=tmp / "key" / "k", progress=False)
             best[w] = max(best[w], rep.n_slices / (time.perf_counter() - t0))
             items[w] = rep.n_items
     out = {f"workers_{w}_slices_per_s": round(best[w], 1) for w in (1, 2)}
@@ -303,24 +278,12 @@ def workers_scaling(nii: Path, tmp: Path, copies: int, rounds: int = 3) -> dict:
     for i in range(copies):
         link = tmp / f"copy{i}.nii.gz"
         if not link.exists():
-            link.symlink_to(nii)
+            os.link(nii, link)  # a hard link: one file under distinct paths (ingest refuses a row repeating a path)
     manifest = tmp / "m.csv"
     manifest.write_text("source,label,modality\n" + "".join(f"copy{i}.nii.gz,ct,CT\n" for i in range(copies)))
     out: dict = {"volumes": copies, "rounds": rounds, **_one_vs_two(manifest, tmp, rounds)}
     out["machine_ceiling_2_vs_1"] = machine_scaling(nii)
     return out
-
-
-def dicom_tree_scaling(tmp: Path, n_series: int, n_slices: int, rounds: int = 3) -> dict:
-    """One manifest row holding a DICOM tree of several series, one folder each: with 2 workers the folders are spread
-    over them, and the worker that scans a folder reads its series (``ingest.dicom_scan_files``); with one, the row
-    is read series after series."""
-    tree = tmp / "tree"
-    for k in range(n_series):
-        write_dicom_series(tree / f"series{k}", n_slices)
-    manifest = tmp / "tree.csv"
-    manifest.write_text("source,label,modality\ntree,ct,CT\n")
-    return {"series": n_series, "files": n_series * n_slices, "rounds": rounds, **_one_vs_two(manifest, tmp, rounds)}
 
 
 def main() -> None:
@@ -362,15 +325,13 @@ def main() -> None:
             }
             if name == "nifti_gz":
                 row["bare_decode"] = decode_rates(path, n_nii)
-                ref = row["bare_decode"].get("isal_slices_per_s") or row["bare_decode"]["stdlib_gzip_slices_per_s"]
+                ref = row["bare_decode"]["stdlib_gzip_slices_per_s"]
                 row["fraction_of_bare_decode_unpaired"] = round(m["slices_per_s"] / ref, 2)
                 # The headline: each warm run against a bare decode timed right after it, so both see one machine.
                 row["fraction_of_bare_decode"] = m.get("paired_fraction_of_floor")
             if kind == "dicom" and name == "dicom_uncompressed":
                 row["pydicom_header_parse_per_s"] = header_rate(path)
                 row["fraction_of_header_parse"] = m.get("paired_fraction_of_floor")
-                # The same fraction at the issue's reference machine speed (pydicom ~2,400 headers/s/core).
-                row["slices_per_s_at_2400_headers_per_s"] = round(2400 * (m.get("paired_fraction_of_floor") or 0), 1)
             results["inputs"][name] = row
             frac = m.get("paired_fraction_of_floor")
             floor = f", {frac:.2f} of the bare floor" if frac is not None else ""
@@ -384,9 +345,6 @@ def main() -> None:
         print(f"normalize + antialiased resize: {results['normalize_resize_ms_per_slice']} ms/slice/core")
         results["workers"] = workers_scaling(inputs["nifti_gz"][1], tmp, copies)
         print(f"run_ingest workers: {results['workers']}")
-        n_series, per_series = (2, 8) if args.quick else (12, 100)
-        results["workers_dicom_tree"] = dicom_tree_scaling(tmp, n_series, per_series)
-        print(f"run_ingest workers, one-row DICOM tree: {results['workers_dicom_tree']}")
 
     data = json.loads(out_path.read_text()) if out_path.is_file() else {}
     data["ingest"] = results

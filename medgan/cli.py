@@ -91,12 +91,14 @@ def main() -> None:
     "--key-file",
     type=click.Path(path_type=Path),
     default=None,
-    help="Pseudonymisation key (created if missing). Default: $MEDGAN_KEY_FILE or ~/.medgan/pseudonym.key.",
+    help="Pseudonymisation key (created if missing; keep it out of any repository). "
+    "Default: $MEDGAN_KEY_FILE or ~/.config/medgan/pseudonym.key.",
 )
+@click.option("--overwrite", is_flag=True, help="Replace an existing dataset at --out (never any other folder).")
 @click.option("--workers", type=int, default=None, help="Processes over volumes (default: all cores).")
 @click.option("--strict", is_flag=True, help="Exit non-zero if any source is skipped.")
 @config_options
-def ingest(folder, manifest, root, out, key_file, workers, strict, config_files, sets, dry_run) -> None:
+def ingest(folder, manifest, root, out, key_file, overwrite, workers, strict, config_files, sets, dry_run) -> None:
     """Read DICOM / NIfTI / PNG-JPEG sources into a 128x128 slice dataset.
 
     Either --manifest CSV (see data_manifests/README.md) or FOLDER with one sub-folder per class.
@@ -110,11 +112,15 @@ def ingest(folder, manifest, root, out, key_file, workers, strict, config_files,
         return _dry_run(cfg)
     if (manifest is None) == (folder is None):
         raise click.UsageError("give either --manifest CSV or a FOLDER of class sub-folders")
-    key_file = key_file or Path(os.environ.get("MEDGAN_KEY_FILE", Path.home() / ".medgan" / "pseudonym.key"))
     from medgan.ingest import run_ingest
+    from medgan.ingest.privacy import DEFAULT_KEY_FILE
+
+    key_file = key_file or Path(os.environ.get("MEDGAN_KEY_FILE", DEFAULT_KEY_FILE)).expanduser()
 
     try:
-        report = run_ingest(cfg, out, manifest=manifest, root=root, folder=folder, key_file=key_file, progress=True)
+        report = run_ingest(
+            cfg, out, manifest=manifest, root=root, folder=folder, key_file=key_file, overwrite=overwrite, progress=True
+        )
     except (ValueError, FileNotFoundError, OSError) as e:
         _fail(e)
     click.echo(report.summary())

@@ -44,9 +44,9 @@ class IngestConfig:
     classes: list[str] = field(default_factory=list)  # allowed class names (index = label); empty = sorted names found
     image_normalization: str = "minmax"  # 2-D PNG/JPEG intensities: minmax | percentile (uses mr_percentiles)
     images_per_part: int = 256  # 2-D images processed (and resumed) together as one work item
-    # A DICOM source (one manifest row) with at least this many files has its header scan split over the workers
-    # (folder by folder) and each of its series read as a work item of its own; smaller ones are one work item.
-    dicom_scan_files: int = 512
+    # The largest volume (decoded, as float32) a header may declare; a source declaring more is skipped unread, so a
+    # tiny hostile file cannot make ingest allocate gigabytes. Each worker holds about one volume at a time.
+    max_volume_mb: float = 4096.0
 
     def __post_init__(self) -> None:
         _check_section("ingest", self)

@@ -31,7 +31,6 @@ from medgan.io import (
     npy_header,
     read_json,
     sha256_array_header,
-    start_writeback,
     write_all,
 )
 
@@ -204,9 +203,7 @@ class SliceWriter:
         self._check_shape(tuple(images.shape))
         chunk = checked_float16(images, self.n, self.out)
         # Plain writes: a memory-mapped output costs a page fault per 4 KB on this path.
-        start = self._file.tell()
         write_all(self._file, memoryview(chunk).cast("B"))
-        start_writeback(self._file.fileno(), start, chunk.nbytes)
         self._pixels.update(image_digests(chunk))
         self.n += len(chunk)
 
@@ -223,9 +220,7 @@ class SliceWriter:
         if dtype != np.float16 or fortran or len(digests) != 32 * shape[0]:
             raise ValueError(f"{path}: not a float16 C-order image part matching its {len(digests) // 32} digests")
         self._check_shape(tuple(shape))
-        size, start = int(np.prod(shape)) * 2, self._file.tell()
-        append_file(self._file, path, offset, size)
-        start_writeback(self._file.fileno(), start, size)  # so the fsync in `finish` has little left to wait for
+        append_file(self._file, path, offset, int(np.prod(shape)) * 2)
         self._pixels.update(digests)
         self.n += int(shape[0])
 

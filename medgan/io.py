@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import functools
 import hashlib
 import io
 import json
@@ -49,28 +48,6 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes | list, *, durable: 
             os.unlink(tmp)
         raise
     return path
-
-
-@functools.lru_cache(maxsize=1)
-def _sync_file_range() -> Any:
-    """Linux's sync_file_range from the C library, or None elsewhere."""
-    import ctypes
-
-    try:
-        fn = ctypes.CDLL(None, use_errno=True).sync_file_range
-    except (OSError, AttributeError):
-        return None
-    fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
-    return fn
-
-
-def start_writeback(fd: int, offset: int, size: int) -> None:
-    """Ask the kernel to start writing `size` bytes of an open file from `offset` to the disk, without waiting
-    (``sync_file_range(SYNC_FILE_RANGE_WRITE)``). A file written piece by piece then finds most of its bytes already
-    on the disk when it is fsynced at the end. Does nothing where the call does not exist (not Linux)."""
-    fn = _sync_file_range()
-    if fn is not None and size > 0:
-        fn(fd, offset, size, 2)  # SYNC_FILE_RANGE_WRITE; an error here only means the final fsync does the work
 
 
 def atomic_write_npy(path: str | os.PathLike, array: np.ndarray, *, durable: bool = True) -> Path:
@@ -147,12 +124,14 @@ def atomic_dir(final: str | os.PathLike, *, keep_partial: bool = True) -> Iterat
         if not keep_partial:
             shutil.rmtree(partial, ignore_errors=True)
         raise
-    old = final.with_name(final.name + ".old")
+    old = None
     if final.exists():
-        shutil.rmtree(old, ignore_errors=True)
+        # A fresh name, so a folder of the user's that happens to be called <final>.old is never touched.
+        old = Path(tempfile.mkdtemp(prefix=f".{final.name}.old-", dir=final.parent))
         os.replace(final, old)
     os.replace(partial, final)
-    shutil.rmtree(old, ignore_errors=True)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def sha256_file(path: str | os.PathLike, chunk_bytes: int = 1 << 22) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -79,7 +80,8 @@ def _has_files(folder: Path) -> bool:
 
 
 def _check_path(raw: str, root: Path, what: str) -> tuple[Path | None, str]:
-    """Resolve a manifest path under root, or return the reason it cannot be used."""
+    """Resolve a manifest path under root, or return the reason it cannot be used: it must stay inside the root once
+    every symlink is resolved, and be a folder or a regular file (a FIFO or a device is never opened)."""
     if not raw:
         return None, f"empty {what} path"
     p = Path(raw)
@@ -89,7 +91,12 @@ def _check_path(raw: str, root: Path, what: str) -> tuple[Path | None, str]:
     if not _inside(raw):
         return None, f"{what} path escapes --root (paths must stay inside the root folder)"
     if not full.exists():
-        return None, f"{what} not found under --root"
+        return None, (f"{what} is a dangling symlink or a symlink loop" if full.is_symlink()
+                      else f"{what} not found under --root")  # fmt: skip
+    if not Path(os.path.realpath(full)).is_relative_to(os.path.realpath(root)):
+        return None, f"{what} path escapes --root through a symlink (its real path is outside the root folder)"
+    if not full.is_dir() and not full.is_file():
+        return None, f"{what} is not a regular file or folder (FIFO, socket or device): not read"
     if not os.access(full, os.R_OK):
         return None, f"{what} is not readable (permissions)"
     if full.is_dir() and not _has_files(full):
@@ -129,7 +136,7 @@ def read_manifest(manifest: Path, root: Path, cfg: IngestConfig) -> tuple[list[S
     data = manifest.read_bytes()
     digest = hashlib.sha256(data).hexdigest()
     text = data.decode("utf-8-sig")
-    reader = csv.DictReader(text.splitlines())
+    reader = csv.DictReader(io.StringIO(text, newline=""))  # the csv module's rules: quoted newlines stay in a field
     header = [h.strip() for h in (reader.fieldnames or [])]
     if "source" not in header:
         raise ValueError(f"{manifest}: no 'source' column; the header must name columns from {list(COLUMNS)}")
@@ -139,6 +146,7 @@ def read_manifest(manifest: Path, root: Path, cfg: IngestConfig) -> tuple[list[S
     allowed = set(cfg.classes)
     sources: list[Source] = []
     skips: list[Skip] = []
+    first_row: dict[str, int] = {}  # a source's real path -> the row that uses it
     for i, raw in enumerate(reader, start=1):
         r = {k.strip(): (v or "").strip() for k, v in raw.items() if k is not None}
         rel = r.get("source", "")
@@ -159,6 +167,11 @@ def read_manifest(manifest: Path, root: Path, cfg: IngestConfig) -> tuple[list[S
             reason = "no label: give a label, a mask, or set ingest.dicom_label_tag"
         if not reason:
             reason = validate_window(r.get("window", ""))
+        if not reason:
+            real = os.path.realpath(path)  # type: ignore[arg-type]
+            if real in first_row:
+                reason = f"duplicate of row {first_row[real]} (the same source): not ingested twice"
+            first_row.setdefault(real, i)
         if reason:
             skips.append(Skip(i, shown, reason))
             continue
@@ -177,7 +190,40 @@ def read_manifest(manifest: Path, root: Path, cfg: IngestConfig) -> tuple[list[S
                 window=r.get("window", ""),
             )
         )
+    _check_split_conflicts(sources, manifest)
     return sources, skips, digest
+
+
+def _check_split_conflicts(sources: list[Source], manifest: Path) -> None:
+    """One patient, one split: rows naming the same patient with different splits are refused.
+
+    Raises:
+        ValueError: naming the rows (not the patient) and the fix.
+    """
+    splits: dict[str, dict[str, int]] = {}
+    for s in sources:
+        if s.patient and s.split:
+            splits.setdefault(s.patient, {}).setdefault(s.split, s.row)
+    conflicts = [rows for rows in splits.values() if len(rows) > 1]
+    if conflicts:
+        shown = "; ".join(", ".join(f"row {r} says {sp}" for sp, r in sorted(c.items(), key=lambda kv: kv[1]))
+                          for c in conflicts[:5])  # fmt: skip
+        raise ValueError(
+            f"{manifest}: {len(conflicts)} patient(s) are given different splits ({shown}); a patient must stay in "
+            "one split: give all of a patient's rows the same split, or leave split empty to assign it by patient"
+        )
+
+
+def _entry_problem(path: Path, folder: Path) -> str | None:
+    """Why a discovered entry is not read (a link out of the folder, a FIFO, a device, a broken link), or None."""
+    if path.is_dir() and not path.is_symlink():
+        return None
+    from medgan.ingest.headers import regular_file_problem
+
+    if path.is_dir():  # a symlinked folder: read only when it stays inside
+        inside = Path(os.path.realpath(path)).is_relative_to(os.path.realpath(folder))
+        return None if inside else "symlink leads outside the folder: not read"
+    return regular_file_problem(path, folder)
 
 
 def discover_folder(folder: Path, cfg: IngestConfig) -> tuple[list[Source], list[Skip], str]:
@@ -201,7 +247,7 @@ def discover_folder(folder: Path, cfg: IngestConfig) -> tuple[list[Source], list
     for name in classes:
         cdir = folder / name
         entries = sorted(e for e in cdir.iterdir() if not e.name.startswith("."))
-        loose = [e for e in entries if e.is_file() and not is_nifti(e) and not is_image2d(e)]
+        loose = [e for e in entries if not e.is_dir() and not is_nifti(e) and not is_image2d(e)]
         subdirs = [e for e in entries if e.is_dir()]
         items: list[tuple[Path, str]] = []
         for e in entries:
@@ -230,7 +276,10 @@ def discover_folder(folder: Path, cfg: IngestConfig) -> tuple[list[Source], list
         for path, kind in items:
             row += 1
             rel = path.relative_to(folder).as_posix()
-            if allowed and name not in allowed:
+            problem = _entry_problem(path, folder)
+            if problem:
+                skips.append(Skip(row, rel, problem))
+            elif allowed and name not in allowed:
                 skips.append(Skip(row, rel, f"unknown label {name!r}; ingest.classes allows {sorted(allowed)}"))
             elif kind == "dicom" and not _has_files(path):
                 skips.append(Skip(row, rel, "empty folder"))

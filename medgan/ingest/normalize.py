@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from medgan.config import IngestConfig
-from medgan.ingest.volume import Volume, VolumeStream
+from medgan.ingest.volume import Volume
 
 # Named CT windows in HU: (center/level, width).
 WINDOWS_HU: dict[str, tuple[float, float]] = {
@@ -283,9 +283,7 @@ def _resize_into(out: torch.Tensor, first: int, stack: np.ndarray, size: tuple[i
     return flips
 
 
-def normalize_volume(
-    volume: Volume | VolumeStream, cfg: IngestConfig, *, window: str = "", mask: np.ndarray | None = None
-) -> Slices:
+def normalize_volume(volume: Volume, cfg: IngestConfig, *, window: str = "", mask: np.ndarray | None = None) -> Slices:
     """Turn a canonical volume into kept 128x128 slices in [-1, 1].
 
     Steps: intensity mapping (CT: HU window; other modalities: per-volume percentile clip), display orientation,
@@ -294,8 +292,7 @@ def normalize_volume(
     below ``cfg.min_foreground_fraction`` are dropped, and with a mask each slice gets its class (or is dropped).
 
     Args:
-        volume: a canonical RAS+ `Volume` (its stored values and slope/intercept; ``volume.array`` is not made), or a
-            `VolumeStream`, whose slabs are resized as they are read (the same slices, without the whole volume).
+        volume: a canonical RAS+ `Volume` (its stored values and slope/intercept; ``volume.array`` is not made).
         cfg: the ingest config.
         window: a window override for CT (see `parse_window`); "" = ``cfg.ct_window``.
         mask: int label map with the same shape as ``volume.array`` (canonical), or None.
@@ -305,7 +302,6 @@ def normalize_volume(
 
     Raises:
         ValueError: a mask whose shape differs from the volume's, an unknown window or slice axis.
-        ReadError: a `VolumeStream` that cannot be read.
 
     Example:
         >>> s = normalize_volume(read_nifti("ct.nii.gz", modality="CT"), IngestConfig())
@@ -328,20 +324,9 @@ def normalize_volume(
     # Stage 1: every slice resized to (h, w) in float32, stored values (the scaling is linear: applied after).
     resized = torch.empty((n, 1, h, w))
     with torch.inference_mode():
-        if isinstance(volume, VolumeStream):  # slab by slab as it is decoded; percentile voxels gathered on the way
-            need = not (volume.modality == "CT" and win is not None)
-            step = sample_step(shape) if need else 0
-            flips: tuple[int, ...] = ()
-            for z0, slab in volume.slabs(step):
-                flips = _resize_into(resized, z0, display_stack(slab, cfg.slice_axis)[0], (h, w))
-            if need:  # the modality is known now (guessed from the slabs when it was not given)
-                win = parse_window(window, cfg) if volume.modality == "CT" else None
-                if win is None:
-                    lo, hi = sample_percentiles(volume.sample, cfg.mr_percentiles, (volume.slope, volume.intercept))
-        else:
-            if win is None:
-                lo, hi = percentile_range(volume.data, cfg.mr_percentiles, scale=(volume.slope, volume.intercept))
-            flips = _resize_into(resized, 0, display_stack(volume.data, cfg.slice_axis)[0], (h, w))
+        if win is None:
+            lo, hi = percentile_range(volume.data, cfg.mr_percentiles, scale=(volume.slope, volume.intercept))
+        flips = _resize_into(resized, 0, display_stack(volume.data, cfg.slice_axis)[0], (h, w))
     if win is not None:
         c, ww = win
         normalization = f"CT window {window or cfg.ct_window} W{ww:g}/L{c:g} HU"

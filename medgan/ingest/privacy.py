@@ -11,9 +11,11 @@ from __future__ import annotations
 import hashlib
 import hmac
 import os
+import re
 import secrets
+import warnings
 from collections import defaultdict
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -21,34 +23,50 @@ import numpy as np
 SPLITS = ("train", "val", "test")
 
 
+DEFAULT_KEY_FILE = "~/.config/medgan/pseudonym.key"  # outside any repository a `git add -A` would take
+
+
 def load_key(key_file: str | os.PathLike, *, dataset: str | os.PathLike | None = None) -> bytes:
     """Read the pseudonymisation key, creating a random 32-byte key (mode 0600) when the file is missing.
 
+    A folder created for the key is made 0700 whatever the umask. An existing key that others than its owner may read
+    gets a warning.
+
     Args:
-        key_file: where the key lives (e.g. ``~/.medgan/pseudonym.key``).
-        dataset: the dataset folder being written; the key must not live inside it.
+        key_file: where the key lives (e.g. `DEFAULT_KEY_FILE`).
+        dataset: the dataset folder being written; the key must not live inside it or any folder ingest deletes
+            (``<dataset>.partial``, ``<dataset>.parts``, ``<dataset>.old``).
 
     Returns:
         The key bytes.
 
     Raises:
-        ValueError: the key file lies inside the dataset folder, or is shorter than 16 bytes.
+        ValueError: the key file lies inside a folder ingest writes or deletes, or is shorter than 16 bytes.
     """
     key_file = Path(key_file).expanduser()
     if dataset is not None:
-        ds = Path(dataset).resolve()
+        ds = Path(dataset).expanduser().resolve()
         kf = key_file.resolve()
-        for d in (ds, ds.with_name(ds.name + ".partial")):
+        for d in (ds, *(ds.with_name(ds.name + suffix) for suffix in (".partial", ".parts", ".old"))):
             if kf == d or d in kf.parents:
                 raise ValueError(
-                    f"key file {key_file} lies inside the dataset folder {dataset}; keep the pseudonymisation key "
-                    "outside anything you share (e.g. --key-file ~/.medgan/pseudonym.key)"
+                    f"key file {key_file} lies inside {d.name}, a folder ingest writes and may delete; keep the "
+                    f"pseudonymisation key outside anything you share (e.g. --key-file {DEFAULT_KEY_FILE})"
                 )
     if not key_file.exists():
-        key_file.parent.mkdir(parents=True, exist_ok=True)
+        missing = [p for p in [key_file.parent, *key_file.parent.parents] if not p.exists()]
+        for folder in reversed(missing):
+            folder.mkdir(mode=0o700, exist_ok=True)
+            os.chmod(folder, 0o700)  # mkdir's mode is cut by the umask
         fd = os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "wb") as f:
             f.write(secrets.token_bytes(32))
+    elif key_file.stat().st_mode & 0o077:
+        warnings.warn(
+            f"key file {key_file} can be read by other users (mode {key_file.stat().st_mode & 0o777:o}); "
+            f"restrict it with: chmod 600 {key_file}",
+            stacklevel=2,
+        )
     key = key_file.read_bytes()
     if len(key) < 16:
         raise ValueError(
@@ -78,6 +96,75 @@ class Pseudonymizer:
 
     def __reduce__(self):  # picklable for worker processes (the key travels in memory only)
         return (Pseudonymizer, (self._key,))
+
+
+# Path components and reason texts: what looks like a UID or a long number, or matches a header's identifier.
+_UID_IN_PATH = re.compile(r"\d+(?:\.\d+){2,}|\d{6,}")
+_UID_IN_TEXT = re.compile(r"\d+(?:\.\d+){3,}")
+
+
+class Redactor:
+    """Replaces identifiers in paths and messages by keyed pseudonyms, so a report line still tells a user which
+    file it means (the same text gives the same pseudonym under the same key) without showing who it is.
+
+    Replaced: any run of words (split at ``_ - . / space``) that equals a known identifier, case-insensitively
+    (PatientID, PatientName and its parts, UIDs, AccessionNumber of the files read, the manifest's patient ids;
+    identifiers shorter than 3 characters are not matched); in paths, any run of digits and dots shaped like a UID
+    (three or more numbers) or of six or more digits; in messages, UIDs (four or more numbers). Identifiers are held
+    as keyed hashes (`id_hash`), so they can travel through part files without being written in clear.
+
+    Example:
+        >>> Redactor(Pseudonymizer(key), {"crlab"}).path("crlab/0001_1.3.12.2.1107.5.2.dcm")
+        'p-…/0001_p-….dcm'
+    """
+
+    _MAX_WORDS = 8  # the longest identifier matched, in words
+
+    def __init__(
+        self, pseudonym: Callable[[str], str], identifiers: Iterable[str] = (), hashed: Iterable[str] = ()
+    ) -> None:
+        self._pseudonym = pseudonym
+        self.hashed = {self.id_hash(i) for i in identifiers if len(i.strip()) >= 3} | set(hashed)
+
+    def id_hash(self, value: str) -> str:
+        """The keyed hash an identifier is known by."""
+        return self._pseudonym("id:" + value.strip().lower())
+
+    def _spans(self, text: str, shaped: re.Pattern) -> list[tuple[int, int]]:
+        spans = [m.span() for m in shaped.finditer(text)]
+        if self.hashed:
+            words = list(re.finditer(r"[^\W_]+|\^", text))
+            i = 0
+            while i < len(words):
+                for j in range(min(len(words), i + self._MAX_WORDS) - 1, i - 1, -1):
+                    a, b = words[i].start(), words[j].end()
+                    if b - a >= 3 and self.id_hash(text[a:b]) in self.hashed:
+                        spans.append((a, b))
+                        i = j
+                        break
+                i += 1
+        merged: list[tuple[int, int]] = []
+        for a, b in sorted(spans):
+            if merged and a <= merged[-1][1]:
+                merged[-1] = (merged[-1][0], max(b, merged[-1][1]))
+            else:
+                merged.append((a, b))
+        return merged
+
+    def _sub(self, text: str, shaped: re.Pattern) -> str:
+        out, last = [], 0
+        for a, b in self._spans(text, shaped):
+            out += [text[last:a], self._pseudonym("path:" + text[a:b].lower())]
+            last = b
+        return "".join([*out, text[last:]])
+
+    def path(self, rel: str) -> str:
+        """A relative path with identifying components replaced."""
+        return self._sub(rel, _UID_IN_PATH)
+
+    def text(self, message: str) -> str:
+        """A message with identifiers replaced."""
+        return self._sub(message, _UID_IN_TEXT)
 
 
 def _unit_hash(value: str, seed: int) -> float:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -71,42 +70,3 @@ class Volume:
     def array(self) -> np.ndarray:
         """float32 [X, Y, Z] physical values (`physical`, computed once)."""
         return physical(self.data, self.slope, self.intercept)
-
-
-class ReadError(ValueError):
-    """A source's bytes could not be read (a corrupt or truncated file), found while a `VolumeStream` was read."""
-
-
-class VolumeStream:
-    """A volume read slab by slab while it is normalized (`normalize_volume`), never held whole.
-
-    It carries what a `Volume` does except ``data``: ``shape`` ([X, Y, Z], canonical), ``spacing_mm``, ``modality``
-    (may be empty until the slabs are read: then it is guessed), ``patient``, ``volume``, ``positions_mm``, ``notes``
-    (complete once the slabs are read), ``slope``/``intercept``. A subclass implements `slabs`.
-    """
-
-    shape: tuple[int, int, int]
-
-    def __init__(self, *, spacing_mm: tuple[float, float, float], modality: str = "", patient: str = "",
-                 volume: str = "", positions_mm: np.ndarray | None = None, notes: list[str] | None = None,
-                 slope: float = 1.0, intercept: float = 0.0):  # fmt: skip
-        self.spacing_mm, self.modality, self.patient, self.volume = spacing_mm, modality, patient, volume
-        self.positions_mm, self.notes = positions_mm, notes if notes is not None else []
-        self.slope, self.intercept = slope, intercept
-        self.sample: np.ndarray | None = None
-
-    @property
-    def scaled(self) -> bool:
-        """True when the slabs hold stored values that still need ``slope``/``intercept``."""
-        return self.slope != 1.0 or self.intercept != 0.0
-
-    def slabs(self, sample_step: int = 0) -> Iterator[tuple[int, np.ndarray]]:
-        """Yield (z0, a canonical view [X, Y, k] of slices z0..z0+k along axis 2) once over the volume, in any order.
-
-        With `sample_step`, ``self.sample`` afterwards holds the voxels ``[::s, ::s, ::s]`` of the whole canonical
-        volume (in some order), for `medgan.ingest.normalize.percentile_range`'s percentiles.
-
-        Raises:
-            ReadError: the source cannot be read (named in the message).
-        """
-        raise NotImplementedError

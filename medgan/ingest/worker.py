@@ -8,13 +8,13 @@ the JSON last: a part whose JSON exists is complete, and its digests tell whethe
 from __future__ import annotations
 
 import contextlib
-import functools
 import hashlib
 import json
 import os
+import stat
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,17 +24,17 @@ from medgan.config import IngestConfig, to_dict
 from medgan.dataset import checked_float16, image_digests
 from medgan.ingest.image2d import read_image2d
 from medgan.ingest.manifest import Source
-from medgan.ingest.nifti import open_volume, read_mask
+from medgan.ingest.nifti import read_mask, read_nifti
 from medgan.ingest.normalize import Slices, normalize_image2d, normalize_volume
-from medgan.ingest.privacy import Pseudonymizer, perceptual_hash
+from medgan.ingest.privacy import Pseudonymizer, Redactor, perceptual_hash
 from medgan.ingest.store import part_intact
-from medgan.ingest.volume import ReadError, Volume, VolumeStream
+from medgan.ingest.volume import Volume
 from medgan.io import atomic_write_json, atomic_write_npy, read_json
 
-# 4: a series part holds no notes of its source; 3: per-slice digests in the .json; 2: <id>.npy + <id>.json; 1: .npz
-PART_VERSION = 4
+# 5: report rows name their source (redacted); 4: series parts; 3: per-slice digests; 2: .npy + .json; 1: .npz
+PART_VERSION = 5
 # Config fields that change what a part holds; workers/splits/seed only affect scheduling and assembly.
-_ASSEMBLY_ONLY = ("workers", "split_fractions", "seed", "images_per_part", "dedup_max_distance", "dicom_scan_files")
+_ASSEMBLY_ONLY = ("workers", "split_fractions", "seed", "images_per_part", "dedup_max_distance")
 
 
 @dataclass
@@ -48,59 +48,6 @@ class Task:
     parts_dir: Path
     part_id: str
     size: int = 0  # bytes of its sources: largest first keeps a worker from starting a big volume last
-    series: SeriesPlan | None = None  # one series of its (single, DICOM) source: see `SeriesPlan`
-
-
-@dataclass
-class SeriesPlan:
-    """One series of a DICOM source whose header scan ran over the workers (`run_ingest` does this for a source with
-    many files): its work item reads just this series, and the parent merges the source's parts into one report row
-    (the source's own notes, on files not used, go straight to that row).
-
-    Attributes:
-        key: the series key from the scan of the whole source (it names the volume's pseudonym).
-        files: the series' files, in scan order.
-        index: its position among the source's series; total: how many there are.
-        modality, n_slices, label_tags: as in `SeriesRef`.
-        headers: the files' parsed headers when the scan ran in this process (`scan_task`); else they are parsed
-            again when the series is read (datasets cost more to send between processes than to parse).
-    """
-
-    key: str
-    files: list[Path]
-    index: int
-    total: int
-    modality: str = "OT"
-    n_slices: int = 0
-    label_tags: dict[str, str] = field(default_factory=dict)
-    headers: list = field(default_factory=list, repr=False, compare=False)
-
-
-@dataclass
-class ScanTask:
-    """A piece of the header scan of a DICOM source with many files (`run_ingest`): files in scan order.
-
-    With `read` (the piece is a whole folder), the worker also reads and normalizes each series it finds wholly in
-    the piece and writes its part under the id the series' own work item would have (`series_part_id`), so those
-    headers are parsed once. A series with files in other pieces gets another id, and its work item reads it.
-    """
-
-    files: list[Path]
-    source: Source
-    cfg: IngestConfig
-    key: bytes
-    root: Path
-    parts_dir: Path
-    part_id: str  # the source's part id
-    read: bool
-
-
-def series_part_id(source_part_id: str, key: str, files: list[Path]) -> str:
-    """The part id of one series of a source: the source's part id, the series key and its exact file list (a series
-    found in one piece of a scan but with files in others gets a different id than the whole series)."""
-    h = hashlib.sha256(f"{source_part_id}/series/{key}/".encode())
-    h.update("\n".join(map(str, files)).encode())
-    return h.hexdigest()[:24]
 
 
 def _stats(path: Path | None) -> tuple[list[str], int]:
@@ -115,9 +62,13 @@ def _stats(path: Path | None) -> tuple[list[str], int]:
     for dirpath, dirnames, files in os.walk(path):
         dirnames.sort()
         for f in sorted(files):
-            st = os.stat(os.path.join(dirpath, f))
-            out.append(f"{os.path.relpath(os.path.join(dirpath, f), path)}:{st.st_size}:{st.st_mtime_ns}")
-            total += st.st_size
+            full = os.path.join(dirpath, f)
+            try:
+                st = os.stat(full)
+            except OSError:  # a dangling symlink or a loop: skipped when read; its own state is what counts
+                st = os.lstat(full)
+            out.append(f"{os.path.relpath(full, path)}:{st.st_size}:{st.st_mtime_ns}")
+            total += st.st_size if stat.S_ISREG(st.st_mode) else 0
     return out, total
 
 
@@ -136,12 +87,17 @@ def part_id(sources: list[Source], cfg: IngestConfig, key_fingerprint: str) -> t
     return h.hexdigest()[:24], total
 
 
-def _reason(e: BaseException, src: Source, root: Path) -> str:
-    """One line, paths relative to the root (never an absolute path in a report)."""
+def _reason(e: BaseException, src: Source, root: Path, redact: Redactor) -> str:
+    """One line, paths relative to the root and identifiers replaced (never an absolute path or a UID in a report).
+    A file's own name in the message (nibabel's, or ours) is shown as its redacted relative path."""
     msg = str(e) if isinstance(e, ValueError) else f"{type(e).__name__}: {e}"
-    for p, rel in ((src.path.resolve(), src.rel), (src.path, src.rel), (root.resolve(), "<root>"), (root, "<root>")):
+    shown = redact.path(src.rel)
+    for p, rel in ((src.path.resolve(), shown), (src.path, shown), (root.resolve(), "<root>"), (root, "<root>")):
         msg = msg.replace(str(p), rel)
-    return " ".join(msg.split())[:300]
+    for name in (src.path.name, src.mask.name if src.mask is not None else ""):
+        if name and name not in shown:
+            msg = msg.replace(name, redact.path(name))
+    return " ".join(redact.text(msg).split())[:300]
 
 
 def _label_from_tags(tags: dict[str, str], cfg: IngestConfig) -> str:
@@ -156,33 +112,31 @@ def _label_from_tags(tags: dict[str, str], cfg: IngestConfig) -> str:
 
 
 def _volumes(
-    src: Source, cfg: IngestConfig, pseudonym: Callable[[str], str], notes: list[str], plan: SeriesPlan | None
+    src: Source, cfg: IngestConfig, pseudonym: Callable[[str], str], notes: list[str], ids: set[str], root: Path
 ):
-    """Yield (volume, label) for a source; a DICOM folder may hold several series (or, with `plan`, just one)."""
+    """Yield (volume, label) for a source; a DICOM folder may hold several series. The identifying header values of
+    the files read are added to `ids` (before anything is reported)."""
     if src.kind == "nifti":
-        vol = open_volume(src.path, volume_index=cfg.volume_index, modality=src.modality, slice_axis=cfg.slice_axis)
+        vol = read_nifti(
+            src.path, volume_index=cfg.volume_index, modality=src.modality, max_volume_mb=cfg.max_volume_mb
+        )
         vol.volume = pseudonym("volume:" + src.rel)
         yield vol, src.label
         return
     from medgan.ingest import dicom
 
-    if plan is None:
-        series, skips = dicom.discover_series(src.path, cfg.min_series_slices)
-        notes.extend(discovery_notes(skips))
-        if not series:
-            raise ValueError(no_series_reason(skips))
-        numbered, total = list(enumerate(series)), len(series)
-    else:
-        numbered, total = [(plan.index, plan)], plan.total
-    for i, s in numbered:
+    series, skips = dicom.discover_series(src.path, cfg.min_series_slices, root=root, max_volume_mb=cfg.max_volume_mb)
+    for s in [*series, *skips]:
+        ids |= s.identifiers
+    notes.extend(discovery_notes(skips))
+    if not series:
+        raise ValueError(no_series_reason(skips))
+    for i, s in enumerate(series):
         try:
-            if isinstance(s, SeriesPlan):
-                headers = s.headers or dicom.read_headers(s.files)
-                s = dicom.SeriesRef(s.key, s.files, s.modality, s.n_slices, s.label_tags, headers)
             label = src.label or (_label_from_tags(s.label_tags, cfg) if cfg.dicom_label_tag else "")
             vol = dicom.read_series(s, pseudonym)
         except Exception as e:  # one bad series does not sink the others
-            notes.append(f"series {i + 1}/{total} skipped: {_reason(e, src, src.path)}")
+            notes.append(f"series {i + 1}/{len(series)} skipped: {e}")
             continue
         if src.modality:
             vol.modality = src.modality
@@ -219,7 +173,7 @@ def _summarize(reasons) -> str:
     return "; ".join(f"{n}x {r}" if n > 1 else r for r, n in Counter(reasons).most_common(3))
 
 
-def _slice_rows(src: Source, vol: Volume | VolumeStream, sl: Slices, label: str) -> list[dict[str, Any]]:
+def _slice_rows(src: Source, vol: Volume, sl: Slices, label: str) -> list[dict[str, Any]]:
     names = sl.classes if sl.classes is not None else [label] * len(sl.slice_index)
     return [
         {
@@ -237,23 +191,21 @@ def _slice_rows(src: Source, vol: Volume | VolumeStream, sl: Slices, label: str)
     ]
 
 
-def process_source(
-    src: Source, cfg: IngestConfig, pseudonym: Callable[[str], str], root: Path, plan: SeriesPlan | None = None
-):
-    """Read and normalize one source (with `plan`, one series of it).
+def process_source(src: Source, cfg: IngestConfig, pseudonym: Callable[[str], str], root: Path):
+    """Read and normalize one source.
 
     Returns:
-        (float16 image arrays, slice rows, the report row, normalization descriptions). With `plan` the report row
-        has status ``part``, the raw ``notes`` (the parent merges the source's parts with `source_report`) and
-        ``clean``: the series was read and normalized without an error.
+        (float16 image arrays, slice rows, the report row, normalization descriptions). The report row's ``source`` is
+        the source's path with identifiers replaced (`privacy.Redactor`: UID-shaped components, and the PatientID,
+        names and UIDs of the files read), and its reason is scrubbed the same way.
     """
+    ids = {src.patient} if src.patient else set()
     images: list[np.ndarray] = []
     rows: list[dict[str, Any]] = []
     notes: list[str] = []
     used: set[str] = set()
     allowed = set(cfg.classes)
     error = None
-    n_read = n_failed = 0
     try:
         if src.kind == "image2d":
             img, fg = normalize_image2d(read_image2d(src.path), cfg)
@@ -275,9 +227,8 @@ def process_source(
             )
             used.add(f"2-D {cfg.image_normalization}")
         else:
-            mask = read_mask(src.mask) if src.mask is not None else None
-            for vol, label in _volumes(src, cfg, pseudonym, notes, plan):
-                n_read += 1
+            mask = read_mask(src.mask, cfg.max_volume_mb) if src.mask is not None else None
+            for vol, label in _volumes(src, cfg, pseudonym, notes, ids, root):
                 try:  # one bad series (or a mask that does not fit it) does not sink the others
                     if mask is not None and mask.shape != vol.shape:
                         raise ValueError(
@@ -298,20 +249,18 @@ def process_source(
                     images.append(sl.images)
                     rows.extend(_slice_rows(src, vol, sl, label))
                     used.add(sl.normalization)
-                except ReadError:  # the source itself is unreadable (found while streaming it): as a failed read
-                    raise
                 except Exception as e:
-                    n_failed += 1
-                    notes.append(f"a series was skipped: {_reason(e, src, root)}")
+                    notes.append(f"a series was skipped: {e}")
+    except MemoryError:
+        error = "not enough memory to read it (lower ingest.max_volume_mb or use fewer ingest.workers)"
     except Exception as e:  # a bad source is reported and the rest goes on
-        error = _reason(e, src, root)
-    if plan is not None:
-        clean = error is None and n_read == 1 and not n_failed  # no note depends on the series' index
-        if error is not None:
-            images, rows, used, notes = [], [], set(), [*notes, f"series {plan.index + 1}/{plan.total}: {error}"]
-        report = {"row": src.row, "status": "part", "notes": notes, "n_slices": len(rows), "clean": clean}
-        return images, rows, report, used
+        error = str(e) if isinstance(e, ValueError) else f"{type(e).__name__}: {e}"
+    redact = Redactor(pseudonym, ids)
+    notes = [_reason(ValueError(n), src, root, redact) for n in notes]
+    error = _reason(ValueError(error), src, root, redact) if error is not None else None
     report = source_report(src.row, len(rows), notes, error)
+    report["source"] = redact.path(src.rel)
+    report["ids"] = sorted(redact.hashed)  # keyed hashes: the parent redacts every row with every source's ids
     if report["status"] != "ok":
         images, rows, used = [], [], set()
     return images, rows, report, used
@@ -326,89 +275,13 @@ def run_task(task: Task) -> dict[str, Any]:
     used: set[str] = set()
     with _single_threaded():
         for src in task.sources:
-            im, r, rep, u = process_source(src, task.cfg, pseudonym, task.root, task.series)
-            rep.pop("clean", None)
+            im, r, rep, u = process_source(src, task.cfg, pseudonym, task.root)
             images.extend(im)
             rows.extend(r)
             reports.append(rep)
             used |= u
     write_part(task.parts_dir, task.part_id, int(task.cfg.resolution), images, rows, reports, used)
     return {"n_slices": len(rows), "report": reports}
-
-
-def scan_task(task: ScanTask) -> dict[str, Any]:
-    """Scan a piece of a DICOM source's headers (`ScanTask`); with ``task.read``, also read each series lying wholly
-    in the piece into its part, unless an earlier run left that part. A series that fails is left to its own work
-    item, which reports it with its place among the source's series.
-
-    Returns:
-        {"scanned": the usable files (headers dropped for the trip back), "skips": files not used,
-        "parts": id -> True for each part written, False for each intact one an earlier run left,
-        "n_slices": slices in the parts written}.
-    """
-    from medgan.ingest import dicom
-
-    src = task.source
-    scanned, skips = dicom.scan_files(task.files, src.path)
-    parts: dict[str, bool] = {}
-    n_slices = 0
-    if task.read:
-        pseudonym = Pseudonymizer(task.key)
-        series, _ = dicom.group_series(scanned, task.cfg.min_series_slices)
-        with _single_threaded():
-            for s in series:
-                sid = series_part_id(task.part_id, s.key, s.files)
-                if reusable(task.parts_dir, sid):
-                    parts[sid] = False
-                    continue
-                plan = SeriesPlan(s.key, s.files, 0, 1, s.modality, s.n_slices, s.label_tags, s.headers)
-                images, rows, report, used = process_source(src, task.cfg, pseudonym, task.root, plan)
-                if report.pop("clean"):
-                    write_part(task.parts_dir, sid, int(task.cfg.resolution), images, rows, [report], used)
-                    parts[sid] = True
-                    n_slices += len(rows)
-    return {"scanned": [f.without_header() for f in scanned], "skips": skips, "parts": parts, "n_slices": n_slices}
-
-
-@contextlib.contextmanager
-def large_buffers_reused():
-    """Inside the block, glibc's malloc keeps freed memory for the next allocation instead of unmapping it (processes
-    forked inside the block inherit this); on leaving, the defaults come back and the kept memory is released.
-
-    A volume is ~100 MB (the decoded .nii.gz bytes, the stored-value stack); glibc maps each such block afresh and
-    unmaps it when freed, so every volume pays a page fault and the kernel zeroing each page before it is written.
-    Measured on 12 .nii.gz volumes with `run_ingest` on this 2-core VM: 620-635 -> 830-870 slices/s with one worker,
-    1,137-1,235 -> 1,389-1,513 with two; DICOM stacks gain the same way. Elsewhere than glibc (macOS, Windows, musl)
-    this does nothing.
-    """
-    libc = _glibc()
-    if libc is None:
-        yield
-        return
-    m_trim_threshold, m_mmap_threshold = -1, -3  # mallopt parameters (malloc.h)
-    libc.mallopt(m_mmap_threshold, 1 << 30)  # blocks up to 1 GB come from the heap...
-    libc.mallopt(m_trim_threshold, (1 << 31) - 1)  # ...which keeps what is freed
-    try:
-        yield
-    finally:
-        libc.mallopt(m_mmap_threshold, 128 * 1024)  # glibc's defaults
-        libc.mallopt(m_trim_threshold, 128 * 1024)
-        libc.malloc_trim(0)
-
-
-@functools.lru_cache(maxsize=1)
-def _glibc() -> Any:
-    """The C library when it is glibc (it has mallopt and malloc_trim), else None."""
-    import ctypes
-    import platform
-
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
-        return None
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
-    except OSError:
-        return None
 
 
 @contextlib.contextmanager

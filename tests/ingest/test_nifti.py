@@ -164,13 +164,10 @@ def test_multi_member_gzip_and_zero_padding(tmp_path):
         read_nifti(tmp_path / "cut.nii.gz")
 
 
-def test_gzip_decoded_in_place_equals_a_whole_decode(tmp_path):
-    """The in-place decode (header first, then the voxels into one array of the header's size) gives the bytes of a
-    whole-stream decode: gzip members split inside the header, header extensions before the voxels, bytes after the
-    voxels (dropped); a damaged CRC and a stream shorter than its header says are errors naming the file."""
+def test_gzip_layouts_read_like_the_plain_file(tmp_path):
+    """gzip members split inside the header, header extensions before the voxels and bytes after the voxels read as
+    the plain file; a stream shorter than its header says is an error naming the file."""
     import gzip
-
-    from medgan.ingest import nifti
 
     data = _marked((9, 8, 7))
     img = nib.Nifti1Image(data, np.diag([-1.0, 1.0, 2.0, 1.0]))
@@ -184,120 +181,7 @@ def test_gzip_decoded_in_place_equals_a_whole_decode(tmp_path):
     }
     for name, blob in files.items():
         (tmp_path / name).write_bytes(blob)
-        with open(tmp_path / name, "rb") as f:
-            whole = nifti._gunzip(nifti._mapped(f))
-            got = nifti._decode(nifti._mapped(f))
-        assert bytes(got) == whole[: len(raw)] == raw
         np.testing.assert_array_equal(read_nifti(tmp_path / name).array, data[::-1].astype(np.float32))
-        assert nifti.load_image(tmp_path / name).header.extensions[0].get_content() == b"an extension before the voxels"
-    crc = bytearray(gzip.compress(raw))
-    crc[-6] ^= 0xFF
-    (tmp_path / "crc.nii.gz").write_bytes(bytes(crc))
-    with pytest.raises(ValueError, match=r"crc.nii.gz: gzip stream is corrupt or truncated \(CRC check failed"):
-        read_nifti(tmp_path / "crc.nii.gz")
     (tmp_path / "short.nii.gz").write_bytes(gzip.compress(raw[:-50]))
     with pytest.raises(ValueError, match="short.nii.gz: voxel data is truncated"):
         read_nifti(tmp_path / "short.nii.gz")
-
-
-def _stream_cases(shared_data, tmp_path) -> list[tuple[str, dict]]:
-    """(file, open_volume keywords) for a spread of .nii.gz layouts, real and written here."""
-    cases = [
-        (str(require(shared_data / FORMATS / "nibabel_example4d.nii.gz")), {"volume_index": 1, "modality": "MR"}),
-        (str(require(shared_data / FORMATS / "nibabel_example_nifti2.nii.gz")), {}),
-        (str(require(shared_data / FORMATS / "vtkdata_avg152T1_RL_nifti.nii.gz")), {"modality": "MR"}),
-        (str(require(shared_data / "nifti/totalsegmentator_ct_mr_with_labels/example_ct_sm.nii.gz")), {}),
-        (
-            str(require(shared_data / "nifti/totalsegmentator_ct_mr_with_labels/example_mr_sm.nii.gz")),
-            {"modality": "MR"},
-        ),
-    ]
-    rng = np.random.default_rng(3)
-    hu = rng.integers(-1100, 1500, size=(40, 36, 23)).astype(np.int16)
-    written = {
-        # z stored foot-to-head reversed (a negative z step), x flipped, a scaling: stored int16 values stay stored
-        "ct_flipped.nii.gz": (hu, np.diag([-0.8, 0.8, -2.5, 1.0]), (0.5, -24.0), "CT"),
-        # big-endian float64 with NaN and inf: physical float32 slab by slab, non-finite voxels zeroed and noted
-        "float_nan.nii.gz": (
-            np.where(hu > 1400, np.nan, hu * 1.5).astype(">f8"),
-            np.diag([0.7, 0.9, 2.0, 1]),
-            None,
-            "",
-        ),
-        # in-plane axes swapped (stored [y, x, z]), uint8, modality guessed
-        "swapped.nii.gz": (
-            (hu // 20 + 60).astype(np.uint8),
-            np.array([[0, 1.0, 0, 0], [1.0, 0, 0, 0], [0, 0, 3, 0], [0, 0, 0, 1]]),
-            None,
-            "",
-        ),  # fmt: skip
-    }
-    for name, (data, affine, scale, modality) in written.items():
-        img = nib.Nifti1Image(data, affine)
-        if scale is not None:
-            img.header.set_slope_inter(*scale)
-        nib.save(img, tmp_path / name)
-        cases.append((str(tmp_path / name), {"modality": modality}))
-    return cases
-
-
-def test_a_streamed_nifti_gives_the_slices_of_a_whole_read(shared_data, tmp_path, monkeypatch):
-    """`open_volume` streams a .nii.gz slab by slab (1 or 3 slices a slab here, so the last slab is often short);
-    normalized, it equals the whole read exactly: images, kept slices, positions, modality, notes."""
-    from medgan.ingest import nifti
-    from medgan.ingest.volume import VolumeStream
-
-    for path, kw in _stream_cases(shared_data, tmp_path):
-        for window in ("abdomen", "percentile"):
-            for slab_slices in (1, 3):
-                stream = nifti.open_volume(path, **kw)
-                assert isinstance(stream, VolumeStream), path
-                per_slice = int(np.prod(stream.stored_shape[:2])) * stream.dtype.itemsize
-                monkeypatch.setattr(nifti, "SLAB_BYTES", slab_slices * per_slice)
-                cfg = IngestConfig(min_foreground_fraction=0.05, ct_window=window)
-                whole = read_nifti(path, **kw)
-                a, b = normalize_volume(stream, cfg), normalize_volume(whole, cfg)
-                np.testing.assert_array_equal(a.images, b.images)
-                assert (a.slice_index, a.position_mm, a.normalization) == (
-                    b.slice_index,
-                    b.position_mm,
-                    b.normalization,
-                )
-                assert (stream.modality, stream.notes, stream.shape) == (whole.modality, whole.notes, whole.shape)
-
-
-def test_a_nifti_is_read_whole_where_it_cannot_be_streamed(shared_data, tmp_path):
-    """An uncompressed .nii, and slices that are not the file's stored slabs (a sagittal slice axis of an axial file),
-    come whole; so does a damaged file, which is then reported like any unreadable one."""
-    from medgan.ingest.nifti import open_volume
-    from medgan.ingest.volume import Volume, VolumeStream
-
-    ct = require(shared_data / "nifti/totalsegmentator_ct_mr_with_labels/example_ct_sm.nii.gz")
-    assert isinstance(open_volume(ct), VolumeStream)
-    assert isinstance(open_volume(ct, slice_axis="sagittal"), Volume)
-    assert isinstance(open_volume(require(shared_data / FORMATS / "nibabel_anatomical.nii")), Volume)
-    (tmp_path / "cut.nii.gz").write_bytes(ct.read_bytes()[:20])
-    with pytest.raises(ValueError, match="cut.nii.gz"):
-        open_volume(tmp_path / "cut.nii.gz")
-
-
-def test_a_streamed_nifti_that_ends_early_or_fails_its_crc_is_a_read_error(shared_data, tmp_path):
-    """The stream's decode errors name the file and are `ReadError`s: ingest reports the source as unreadable."""
-    import gzip
-
-    from medgan.ingest.nifti import open_volume
-    from medgan.ingest.volume import ReadError
-
-    raw = gzip.decompress(
-        require(shared_data / "nifti/totalsegmentator_ct_mr_with_labels/example_ct_sm.nii.gz").read_bytes()
-    )
-    blob = gzip.compress(raw)
-    crc = bytearray(blob)
-    crc[-6] ^= 0xFF
-    files = {"cut.nii.gz": (blob[: len(blob) // 2], r"gzip stream is corrupt or truncated \(Compressed file ended"),
-             "crc.nii.gz": (bytes(crc), r"gzip stream is corrupt or truncated \(CRC check failed"),
-             "short.nii.gz": (gzip.compress(raw[: len(raw) - 5000]), "voxel data is truncated")}  # fmt: skip
-    for name, (data, reason) in files.items():
-        (tmp_path / name).write_bytes(data)
-        with pytest.raises(ReadError, match=f"{name}: {reason}"):
-            normalize_volume(open_volume(tmp_path / name, modality="CT"), IngestConfig())

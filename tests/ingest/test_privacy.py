@@ -20,12 +20,47 @@ from tests.conftest import require
 
 
 def test_key_file_created_private_and_reused(tmp_path):
-    kf = tmp_path / "keys" / "pseudonym.key"
-    key = load_key(kf)
+    import os
+
+    kf = tmp_path / "keys" / "deeper" / "pseudonym.key"
+    old = os.umask(0o022)  # a permissive umask: the key's folders are 0700 all the same
+    try:
+        key = load_key(kf)
+    finally:
+        os.umask(old)
     assert len(key) == 32 and stat.S_IMODE(kf.stat().st_mode) == 0o600
+    assert stat.S_IMODE(kf.parent.stat().st_mode) == 0o700 and stat.S_IMODE(kf.parent.parent.stat().st_mode) == 0o700
     assert load_key(kf) == key
-    with pytest.raises(ValueError, match="inside the dataset folder"):
-        load_key(tmp_path / "ds" / "key", dataset=tmp_path / "ds")
+    kf.chmod(0o644)
+    with pytest.warns(UserWarning, match="can be read by other users"):
+        assert load_key(kf) == key
+    for inside in ("ds", "ds.partial", "ds.parts", "ds.old"):  # ingest writes and deletes these
+        with pytest.raises(ValueError, match=f"lies inside {inside}, a folder ingest writes"):
+            load_key(tmp_path / inside / "key", dataset=tmp_path / "ds")
+    assert not (tmp_path / "ds").exists()
+
+
+def test_default_key_file_is_outside_the_repository():
+    from pathlib import Path
+
+    from medgan.ingest.privacy import DEFAULT_KEY_FILE
+
+    repo = Path(__file__).resolve().parents[2]
+    assert not Path(DEFAULT_KEY_FILE).expanduser().resolve().is_relative_to(repo)
+    assert ".medgan/" in (repo / ".gitignore").read_text().split()  # where the demo keeps a key of its own
+
+
+def test_redactor_replaces_uids_long_numbers_and_header_values():
+    from medgan.ingest.privacy import Redactor
+
+    pseudonym = Pseudonymizer(b"k" * 32)
+    r = Redactor(pseudonym, {"Doe^Archibald", "Doe", "Archibald", "KiTS-00072"})
+    shown = r.path("kits-00072_1.3.6.1.4.1.9328.50.1.2/0001_1.3.12.2.1107.5.2.dcm")
+    assert "00072" not in shown and "1.3." not in shown and shown.endswith(".dcm") and shown.count("p-") == 3
+    assert r.path("dicomdirtests/77654033/CR1/6154") == f"dicomdirtests/{pseudonym('path:77654033')}/CR1/6154"
+    assert r.path("scans/ARCHIBALD_doe/ct") == r.path("scans/archibald_DOE/ct")  # the same file, the same name
+    assert "Archibald" not in r.text("series 1/2 skipped: Archibald's 1.2.840.113619.2.55 scan is 1.5 mm")
+    assert "1.5 mm" in r.text("step 1.5 mm, 12345678 bytes")  # numbers in messages stay readable
 
 
 def test_pseudonyms_are_keyed_stable_and_opaque():

@@ -45,6 +45,7 @@ def nifti_root(shared_data, tmp_path) -> Path:
     for name in ("example_ct_sm.nii.gz", "example_seg.nii.gz", "example_mr_sm.nii.gz", "example_seg_mr.nii.gz"):
         shutil.copy(require(shared_data / TS / name), root / "ts" / name)
     (root / "empty").mkdir()
+    shutil.copy(root / "ts" / "example_ct_sm.nii.gz", root / "ts" / "ct_copy.nii.gz")
     (root / "ts" / "cut.nii.gz").write_bytes((root / "ts" / "example_mr_sm.nii.gz").read_bytes()[:4000])
     (tmp_path / "outside.nii.gz").write_bytes((root / "ts" / "example_mr_sm.nii.gz").read_bytes())
     _write_manifest(
@@ -56,8 +57,9 @@ def nifti_root(shared_data, tmp_path) -> Path:
             {"source": "ts/missing.nii.gz", "label": "mr"},
             {"source": "ts/example_mr_sm.nii.gz", "label": "mr", "split": "holdout"},
             {"source": "empty", "label": "mr"},
-            {"source": "ts/example_ct_sm.nii.gz", "modality": "CT", "mask": "ts/example_seg_mr.nii.gz"},
+            {"source": "ts/ct_copy.nii.gz", "modality": "CT", "mask": "ts/example_seg_mr.nii.gz"},
             {"source": "ts/cut.nii.gz", "label": "mr"},
+            {"source": "ts/example_ct_sm.nii.gz", "modality": "CT", "mask": "ts/example_seg.nii.gz"},
         ],
     )
     return root
@@ -71,7 +73,7 @@ def _report(out: Path) -> dict[int, dict[str, str]]:
 def test_manifest_ingest_reports_bad_rows_and_lands_the_rest(nifti_root, tmp_path):
     out, key = tmp_path / "ds", tmp_path / "secret" / "k.key"
     rep = run_ingest(_cfg(ORGANS), out, manifest=nifti_root / "manifest.csv", key_file=key, progress=False)
-    assert rep.n_ok == 2 and rep.n_skipped == 6 and rep.dataset_path == out
+    assert rep.n_ok == 2 and rep.n_skipped == 7 and rep.dataset_path == out
     report = _report(out)
     assert report[1]["status"] == "ok" and int(report[1]["n_slices"]) > 0
     assert "escapes --root" in report[3]["reason"] and report[3]["source"] == "<outside root>"
@@ -80,6 +82,7 @@ def test_manifest_ingest_reports_bad_rows_and_lands_the_rest(nifti_root, tmp_pat
     assert "empty folder" in report[6]["reason"]
     assert "wrong-shaped mask" in report[7]["reason"]
     assert report[8]["status"] == "skipped" and "cut.nii.gz" in report[8]["reason"]
+    assert report[9]["reason"] == "duplicate of row 1 (the same source): not ingested twice"
     assert "escapes --root" in rep.summary() and str(out) in rep.summary()
 
     ds = SliceDataset.open(out)
@@ -109,14 +112,18 @@ def test_same_inputs_same_hash(nifti_root, tmp_path):
     a = run_ingest(_cfg(ORGANS), tmp_path / "a", manifest=nifti_root / "manifest.csv", key_file=key, progress=False)
     b = run_ingest(_cfg(ORGANS), tmp_path / "b", manifest=nifti_root / "manifest.csv", key_file=key, progress=False)
     assert a.content_hash == b.content_hash == SliceDataset.open(tmp_path / "b").content_hash
+    bone = _cfg(ORGANS, "ingest.ct_window=bone")
+    with pytest.raises(FileExistsError, match="pass --overwrite"):
+        run_ingest(bone, tmp_path / "a", manifest=nifti_root / "manifest.csv", key_file=key, progress=False)
     c = run_ingest(
-        _cfg(ORGANS, "ingest.ct_window=bone"),
-        tmp_path / "a",
-        manifest=nifti_root / "manifest.csv",
-        key_file=key,
-        progress=False,
+        bone, tmp_path / "a", manifest=nifti_root / "manifest.csv", key_file=key, overwrite=True, progress=False
     )
-    assert c.content_hash != a.content_hash  # and the rerun replaced "a" in place
+    assert c.content_hash != a.content_hash == b.content_hash  # and the rerun replaced "a" in place
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "mine.txt").write_text("not a dataset")
+    with pytest.raises(ValueError, match="not a medgan dataset"):
+        run_ingest(bone, tmp_path / "notes", manifest=nifti_root / "manifest.csv", key_file=key, overwrite=True)
+    assert (tmp_path / "notes" / "mine.txt").read_text() == "not a dataset"
 
 
 class _Interrupting:
@@ -126,7 +133,7 @@ class _Interrupting:
     def __init__(self, monkeypatch):
         self.reads: list[str] = []
         self.interrupt = True
-        real = worker.open_volume
+        real = worker.read_nifti
 
         def counting(path, **kw):
             self.reads.append(Path(path).name)
@@ -134,7 +141,7 @@ class _Interrupting:
                 raise KeyboardInterrupt
             return real(path, **kw)
 
-        monkeypatch.setattr(worker, "open_volume", counting)
+        monkeypatch.setattr(worker, "read_nifti", counting)
 
     def arm(self, interrupt: bool) -> None:
         """Forget the reads so far; interrupt the next run's second read or not."""
@@ -246,8 +253,8 @@ def test_dicom_tag_mapping_labels_series(shared_data, tmp_path):
     kits = require(shared_data / "dicom/ct_tcia_kits00072_18slices")
     j2k = require(shared_data / "dicom/ct_totalsegmentator_j2k_20slices/series")
     manifest = _write_manifest(tmp_path / "m.csv", [{"source": "kits"}, {"source": "j2k"}])
-    (tmp_path / "kits").symlink_to(kits)
-    (tmp_path / "j2k").symlink_to(j2k)
+    shutil.copytree(kits, tmp_path / "kits")  # copies: a symlink leading out of the root is refused
+    shutil.copytree(j2k, tmp_path / "j2k")
     cfg = _cfg("ingest.dicom_label_tag=SeriesDescription", "ingest.dicom_label_map={arterial: arterial_ct}")
     rep = run_ingest(cfg, tmp_path / "ds", manifest=manifest, key_file=tmp_path / "k.key", progress=False)
     ds = SliceDataset.open(tmp_path / "ds")
@@ -294,9 +301,10 @@ def test_the_pool_gets_the_largest_sources_first(nifti_root, tmp_path):
     from medgan.ingest.manifest import read_manifest
     from medgan.ingest.worker import Task, part_id
 
-    names = ("example_mr_sm.nii.gz", "example_ct_sm.nii.gz")
+    names = ("example_mr_sm.nii.gz", "example_ct_sm.nii.gz", "mr_copy.nii.gz", "ct_copy.nii.gz")
+    shutil.copy(nifti_root / "ts" / names[0], nifti_root / "ts" / names[2])
     rows = [{"source": f"ts/{n}", "label": "x", "modality": "CT"} for n in names]
-    manifest = _write_manifest(nifti_root / "sizes.csv", rows * 2)
+    manifest = _write_manifest(nifti_root / "sizes.csv", rows)
     cfg = _cfg().ingest
     sources, _, _ = read_manifest(manifest, nifti_root, cfg)
     tasks = []
@@ -309,145 +317,41 @@ def test_the_pool_gets_the_largest_sources_first(nifti_root, tmp_path):
     assert order == [big, big + 2, small, small + 2]
 
 
-@pytest.mark.parametrize(
-    ("layout", "read_in_scan"),
-    [("folders", 5), ("split_series", 4), ("flat", 0)],
-)
-def test_a_dicom_tree_in_one_row_is_read_series_by_series_with_the_same_result(
-    shared_data, tmp_path, layout, read_in_scan
-):
-    """One manifest row holding a whole DICOM tree (5 series, a truncated file, a non-DICOM file): with workers its
-    header scan is split into pieces and each series is its own work item, and the dataset and report are those of a
-    serial read of the row. A folder within its share of the files is scanned and read by one worker (each header
-    parsed once); a series split over two folders, or a folder too big to be one piece, is read by its own item."""
-    from medgan.ingest import _plan, _Workers
-    from medgan.ingest.manifest import read_manifest
+def test_the_cli_refuses_an_existing_out_unless_overwrite(nifti_root, tmp_path):
+    from click.testing import CliRunner
 
-    tree = tmp_path / "root" / "archive"
-    shutil.copytree(require(shared_data / "dicom/mr_decubitus_t1_4positions"), tree / "mr")
-    shutil.copytree(require(shared_data / "dicom/ct_tcia_kits00072_18slices"), tree / "ct" / "kits")
-    cut = tree / "ct" / "kits" / "1-005.dcm"
-    cut.write_bytes(cut.read_bytes()[:3000])
-    (tree / "ct" / "notes.bin").write_bytes(b"not DICOM")
-    (tree / "mr" / "PROVENANCE.md").unlink()
-    if layout == "split_series":  # the CT series' files in two folders
-        for f in sorted((tree / "ct" / "kits").glob("*.dcm"))[9:]:
-            (tree / "ct" / "kits2").mkdir(exist_ok=True)
-            f.rename(tree / "ct" / "kits2" / f.name)
-    elif layout == "flat":  # every file in one folder: bigger than a worker's share, scanned in pieces
-        for f in sorted(p for p in tree.rglob("*") if p.is_file()):
-            f.rename(tree / f.name)
-    manifest = _write_manifest(tmp_path / "root" / "m.csv", [{"source": "archive"}])
-    labels = ["ingest.dicom_label_tag=SeriesDescription", "ingest.dicom_label_map={arterial: ct, t1_fl2d_sag: mr}"]
-    reports, runs = {}, {"serial": ["ingest.workers=1"], "split": ["ingest.workers=2", "ingest.dicom_scan_files=8"]}
-    for name, sets in runs.items():
-        reports[name] = run_ingest(
-            _cfg(*labels, *sets), tmp_path / name, manifest=manifest, key_file=tmp_path / "k.key", progress=False
-        )
-    serial, split = reports["serial"], reports["split"]
-    assert serial.n_items == 1 and split.n_items == 5 and split.n_reused == 0  # one work item per series
-    assert split.report == serial.report and serial.report[0]["status"] == "ok"
-    reason = serial.report[0]["reason"]
-    assert reason.startswith("2 file(s) not used (") and "not a DICOM file" in reason and "not an image" in reason
-    assert split.content_hash == serial.content_hash
-    a, b = SliceDataset.open(tmp_path / "serial"), SliceDataset.open(tmp_path / "split")
-    assert a.classes == ["ct", "mr"] and len(set(a.column("volume"))) == 5 and a.rows() == b.rows()
+    from medgan.cli import main
 
-    # Which series the scan itself read: their parts are there before any work item runs.
-    cfg = _cfg(*labels, *runs["split"]).ingest
-    sources, skips, _ = read_manifest(manifest, tmp_path / "root", cfg)
-    parts = tmp_path / "plan.parts"
-    parts.mkdir()
-    with _Workers(2) as pool:
-        tasks, notes, ready = _plan(sources, skips, cfg, b"k" * 32, tmp_path / "root", parts, pool)
-    assert len(tasks) == 5 and sum(ready.get(t.part_id, False) for t in tasks) == read_in_scan  # written by the scan
-    (row_notes,) = notes.values()  # the files not used are the row's own note, first in its reason
-    assert len(row_notes) == 1 and reason.startswith(row_notes[0] + ";")
-    with _Workers(2) as pool:  # as after an interruption: the scan keeps the parts it finds and reads nothing again
-        tasks, _, ready = _plan(sources, [], cfg, b"k" * 32, tmp_path / "root", parts, pool)
-    assert not any(ready.values()) and sum(worker.reusable(parts, t.part_id) for t in tasks) == read_in_scan
-    assert sum(t.part_id in ready for t in tasks) == read_in_scan  # found intact by the scan, not checked again
+    manifest = _two_volumes(nifti_root, "cli.csv")
+    args = ["ingest", "--manifest", str(manifest), "--out", str(tmp_path / "ds"), "--workers", "1"]
+    args += ["--key-file", str(tmp_path / "key" / "k")]
+    runner = CliRunner()
+    assert runner.invoke(main, args).exit_code == 0
+    refused = runner.invoke(main, args)
+    assert refused.exit_code == 1 and "already exists; pass --overwrite" in refused.output
+    assert runner.invoke(main, [*args, "--overwrite"]).exit_code == 0
+    (tmp_path / "mine").mkdir()
+    other = runner.invoke(main, [*args[:4], str(tmp_path / "mine"), *args[5:], "--overwrite"])
+    assert other.exit_code == 1 and "is not a medgan dataset" in other.output and (tmp_path / "mine").is_dir()
 
 
-def test_large_buffers_are_reused_inside_the_block_and_given_back_after():
-    """Inside `large_buffers_reused` a freed 64 MB block is reused by the next one (no new page faults); outside it,
-    glibc maps each afresh (a fault per page touched)."""
-    import resource
-
-    from medgan.ingest.worker import _glibc, large_buffers_reused
-
-    if _glibc() is None:
-        pytest.skip("glibc only")
-
-    def faults_of_second_block() -> int:
-        a = np.ones(1 << 26, np.uint8)  # 64 MB, every page touched
-        del a
-        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-        b = np.ones(1 << 26, np.uint8)
-        del b
-        return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
-
-    with large_buffers_reused():
-        inside = faults_of_second_block()
-    outside = faults_of_second_block()
-    assert inside < 8 and outside >= 32  # 2 MB pages at best: 32 faults for 64 MB
+def _crash_on_ct(task):
+    """A worker that dies on the CT volume (as a decoder segfault would) and reads the others."""
+    if any("ct" in s.rel for s in task.sources):
+        os._exit(1)
+    return worker.run_task(task)
 
 
-def _crash(task):
-    os._exit(3)  # a worker dying mid-piece, as a decoder crash would
+def test_a_source_that_kills_its_worker_fails_alone_and_the_rest_lands(nifti_root, tmp_path, monkeypatch):
+    import medgan.ingest.pool as pool
 
-
-def test_a_scan_piece_whose_worker_dies_is_scanned_again_and_its_series_still_land(shared_data, tmp_path, monkeypatch):
-    """Every scan piece of a DICOM tree row kills its worker: the parent scans the pieces itself (headers only), starts
-    a new pool, and the series' own work items give the dataset and report of a serial read."""
-    import medgan.ingest as ingest
-
-    tree = tmp_path / "root" / "archive"
-    shutil.copytree(require(shared_data / "dicom/mr_decubitus_t1_4positions"), tree)
-    (tree / "PROVENANCE.md").unlink()
-    manifest = _write_manifest(tmp_path / "root" / "m.csv", [{"source": "archive", "label": "mr"}])
-    serial = run_ingest(_cfg(), tmp_path / "serial", manifest=manifest, key_file=tmp_path / "k.key", progress=False)
-    from medgan.ingest import dicom
-
-    scanned_here = []  # scans in this (parent) process: only the fallback for a dead worker's piece
-    scan_files = dicom.scan_files
-    monkeypatch.setattr(dicom, "scan_files", lambda *a: scanned_here.append(a) or scan_files(*a))
-    monkeypatch.setattr(ingest, "scan_task", _crash)
-    split = run_ingest(
-        _cfg("ingest.workers=2", "ingest.dicom_scan_files=8"),
-        tmp_path / "split",
-        manifest=manifest,
-        key_file=tmp_path / "k.key",
-        progress=False,
-    )
-    assert split.n_items == 4 and split.report == serial.report and serial.report[0]["status"] == "ok"
-    assert split.content_hash == serial.content_hash
-    assert len(scanned_here) == 4  # each of the 4 series folders was a piece, and each was scanned again here
-
-
-def test_parts_skip_the_disk_wait_the_dataset_does_not_and_a_torn_part_is_redone(nifti_root, tmp_path, monkeypatch):
-    """Parts are written without fsync (they are checked when reused); the dataset's files are fsynced before the
-    rename. A part whose JSON a power cut left torn (cut short) is read again on resume, with the same result."""
-    manifest = _two_volumes(nifti_root, "two_torn.csv")
-    synced: list[str] = []
-    real_fsync = os.fsync
-
-    def fsync(fd: int) -> None:
-        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
-        real_fsync(fd)
-
-    monkeypatch.setattr(os, "fsync", fsync)
-    state = _Interrupting(monkeypatch)
-    out, key = tmp_path / "ds", tmp_path / "k.key"
-    with pytest.raises(KeyboardInterrupt):
-        run_ingest(_cfg(), out, manifest=manifest, key_file=key, progress=False)
-    assert not any(".parts" in p for p in synced)
-    (meta,) = (tmp_path / "ds.parts").glob("*.json")
-    meta.write_bytes(meta.read_bytes()[: meta.stat().st_size // 2])
-    state.arm(False)
-    rep = run_ingest(_cfg(), out, manifest=manifest, key_file=key, progress=False)
-    assert state.reads == ["example_mr_sm.nii.gz", "example_ct_sm.nii.gz"] and rep.n_reused == 0
-    assert any(p.endswith("slices.npy") for p in synced) and any("dataset.json" in p for p in synced)
-    assert not any(".parts" in p for p in synced)
-    clean = run_ingest(_cfg(), tmp_path / "clean", manifest=manifest, key_file=key, progress=False)
-    assert rep.content_hash == clean.content_hash
+    manifest = _write_manifest(
+        nifti_root / "crash.csv",
+        [{"source": "ts/example_mr_sm.nii.gz", "label": "mr", "modality": "MR"},
+         {"source": "ts/example_ct_sm.nii.gz", "label": "ct", "modality": "CT"},
+         {"source": "ts/example_seg_mr.nii.gz", "label": "mr", "modality": "MR"}],
+    )  # fmt: skip
+    monkeypatch.setattr(pool, "run_task", _crash_on_ct)  # the forked workers inherit it
+    rep = run_ingest(_cfg("ingest.workers=2"), tmp_path / "ds", manifest=manifest, key_file=tmp_path / "k")
+    assert [r["status"] for r in rep.report] == ["ok", "skipped", "ok"]
+    assert rep.report[1]["reason"].startswith("worker failed: the worker reading it died")
