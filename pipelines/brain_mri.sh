@@ -15,7 +15,7 @@ mkdir -p "$WORK" && cd "$WORK"
 export MLFLOW_TRACKING_URI=${MLFLOW_TRACKING_URI:-"sqlite:///$WORK/mlflow.db"}
 
 # Class sub-folders -> labels; near-duplicate images are grouped so no group spans two splits.
-"$MEDGAN" ingest "$DATA" --out datasets/brain_mri --config "$REPO/configs/ingest/brain_mri_2d.yaml"
+"$MEDGAN" ingest "$DATA" --out datasets/brain_mri --overwrite --config "$REPO/configs/ingest/brain_mri_2d.yaml"
 "$MEDGAN" info datasets/brain_mri
 
 if "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
