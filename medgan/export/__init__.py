@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from medgan.config import Config, to_dict
+from medgan.export.folder import STAGING, check_out
 from medgan.export.formats import EXTENSIONS, FORMATS, QUANTIZATION, encode, read_image
 from medgan.io import atomic_dir, atomic_write_json, atomic_write_text
 from medgan.sampling import SEED_STRIDE, image_seed  # the one seed rule, shared with medgan evaluate
@@ -126,7 +127,7 @@ def run_export(
     """
     from medgan.tracking.registry import load_generator
 
-    _check_out(Path(out), force)  # before loading a model: a refused --out costs nothing
+    check_out(Path(out), force)  # before loading a model: a refused --out costs nothing
     loaded = load_generator(model_ref, cfg.track.tracking_uri)
     loaded.info.setdefault("model_ref", model_ref)
     confidence = None
@@ -164,60 +165,6 @@ def _select_classes(all_classes: list[str], classes: list[str] | None) -> list[i
         what = f"unknown class(es) {unknown}" if unknown else "no class names given"
         raise ValueError(f"--classes: {what}; this generator knows {all_classes} (comma-separated names)")
     return [all_classes.index(c) for c in wanted]
-
-
-# What an export folder holds at its top level (contact_sheet.png: `medgan info`); `_not_ours` checks the rest.
-EXPORT_ENTRIES = frozenset(
-    {"dataset.json", "slices.npy", "slices.csv", "report.csv", "images", "datalist.json", "manifest.csv", "README.md",
-     "contact_sheet.png"}
-)  # fmt: skip
-STAGING = ".slices-staging.npy"
-
-
-def _not_ours(out: Path) -> str | None:
-    """Why the folder `out` is not an export that medgan wrote (so ``--force`` must not replace it), or None."""
-    from medgan.export import manifests
-    from medgan.io import read_json
-
-    try:
-        meta = read_json(out / "dataset.json")
-    except (OSError, ValueError):
-        return "it has no readable dataset.json, so it was not written by medgan export"
-    if meta.get("synthetic") is not True:
-        return "it holds a real dataset (dataset.json says synthetic: false); medgan never replaces one"
-    if not isinstance(meta.get("export"), dict):
-        return "its dataset.json was not written by medgan export"
-    listed = {row.get("file", "") for row in manifests.read_manifest(out / "manifest.csv")}
-    found = [p.name for p in out.iterdir() if p.name not in EXPORT_ENTRIES]
-    found += [str(p.relative_to(out)) for p in (out / "images").rglob("*")
-              if not p.is_dir() and str(p.relative_to(out)) not in listed]  # fmt: skip
-    if found:
-        return f"it holds files medgan export did not write: {sorted(found)[:5]}{' ...' if len(found) > 5 else ''}"
-    return None
-
-
-def _check_out(out: Path, force: bool) -> None:
-    """Refuse an `out` that is a file, or not empty without `force`, or (with `force`) not an export medgan wrote.
-
-    Raises:
-        FileExistsError: naming `out`, why, and what to do instead.
-    """
-    if out.exists() and not out.is_dir():
-        raise FileExistsError(f"--out {out} is a file; choose a folder path")
-    if out.is_dir() and any(out.iterdir()):
-        if not force:
-            raise FileExistsError(
-                f"--out {out} is not empty; pass --force to replace an earlier medgan export there, or choose another"
-                " --out"
-            )
-        if why := _not_ours(out):
-            raise FileExistsError(f"--out {out}: --force replaces only an earlier medgan export, and {why}; "
-                                  "choose another --out")  # fmt: skip
-    partial = out.with_name(out.name + ".partial")
-    stray = [p.name for p in partial.iterdir() if p.name not in EXPORT_ENTRIES | {STAGING}
-             and not p.name.endswith(".tmp")] if partial.is_dir() else []  # fmt: skip
-    if stray:
-        raise FileExistsError(f"{partial} holds files medgan export did not write ({sorted(stray)[:5]}); move it away")
 
 
 def _device(name: str) -> str:
@@ -302,7 +249,7 @@ def export_dataset(
     e, out = cfg.export, Path(out)
     _check_options(cfg)
     labels_wanted = _select_classes(loaded.classes, classes)
-    _check_out(out, force)
+    check_out(out, force)
     device = _device(e.device)
     spacing_mm, spacing_source = _spacing(cfg, loaded.info)
     info = _plain(loaded.info)
@@ -337,7 +284,7 @@ def export_dataset(
             data = encode(e.format, image, png_bits=e.png_bits, spacing_mm=spacing_mm)
         path.write_bytes(data)  # plain write: the whole folder becomes visible atomically
 
-    # A stale partial from an interrupted export (checked by `_check_out`) is not resumable: start clean.
+    # A stale partial from an interrupted export (checked by `check_out`) is not resumable: start clean.
     shutil.rmtree(out.with_name(out.name + ".partial"), ignore_errors=True)
     G = loaded.G if device == "cpu" else copy.deepcopy(loaded.G).to(device)
     accepted, confidences, filter_record = None, None, None

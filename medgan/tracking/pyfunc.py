@@ -55,12 +55,13 @@ def requirements() -> list[str]:
 
 
 def code_bundle(dst: Path) -> Path:
-    """Copy the part of medgan the model imports (``__init__``, ``config``, ``models/``) to ``dst/medgan``."""
+    """Copy the part of medgan the model imports (``__init__``, ``config``, ``config_rules``, ``models/``) to
+    ``dst/medgan``."""
     import medgan
 
     src, pkg = Path(medgan.__file__).parent, dst / "medgan"
     shutil.copytree(src / "models", pkg / "models", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
-    for name in ("__init__.py", "config.py"):
+    for name in ("__init__.py", "config.py", "config_rules.py"):
         shutil.copy2(src / name, pkg / name)
     return dst
 

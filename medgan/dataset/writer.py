@@ -1,10 +1,4 @@
-"""The slice dataset (schema ``medgan.slices/1``): the one writer and reader every stage shares.
-
-A dataset folder holds ``dataset.json`` (metadata, counts, hashes, resolved config), ``slices.npy`` (float16
-[N, 1, 128, 128] in [-1, 1]), ``slices.csv`` (one row per slice, pseudonymous keys only) and ``report.csv`` (one row per
-input source: ok or skipped with a reason). Ingest writes it, export writes it with ``synthetic: true``; train, evaluate
-and export read it. This module imports neither pydicom nor nibabel, so reading a dataset costs numpy only.
-"""
+"""The slice dataset writer: `SliceWriter` streams images then the tables; `write_dataset` writes one in a call."""
 
 from __future__ import annotations
 
@@ -15,44 +9,23 @@ import io
 import os
 from collections import Counter
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import numpy.typing as npt
 from numpy.lib import format as npformat
 
 from medgan import __version__
-from medgan.io import (
-    append_file,
-    atomic_dir,
-    atomic_write_json,
-    npy_header,
-    read_json,
-    sha256_array_header,
-    write_all,
+from medgan.dataset.schema import (
+    COLUMNS,
+    REPORT_COLUMNS,
+    SCHEMA,
+    SPLITS,
+    _content_digest,
+    checked_float16,
+    image_digests,
 )
-
-SCHEMA = "medgan.slices/1"
-SPLITS = ("train", "val", "test")
-COLUMNS = (
-    "row",
-    "split",
-    "label",
-    "class_name",
-    "patient",
-    "volume",
-    "slice_index",
-    "position_mm",
-    "spacing_mm",
-    "modality",
-    "seed",
-)
-REPORT_COLUMNS = ("manifest_row", "source", "status", "reason", "n_slices")
-# How `SliceDataset` types the table's columns; every other column is text. An empty cell reads -1 / NaN.
-INT_COLUMNS = ("row", "label", "slice_index", "seed")
-FLOAT_COLUMNS = ("position_mm", "spacing_mm")
+from medgan.io import append_file, atomic_dir, atomic_write_json, npy_header, write_all
 
 
 def _csv_text(columns: Sequence[str], rows: Sequence[dict[str, Any]]) -> str:
@@ -79,49 +52,6 @@ def _fmt(v: Any) -> str:
     if isinstance(v, (float, np.floating)):
         return f"{float(v):.6g}"
     return str(v)
-
-
-def content_hash(images: np.ndarray, slices_csv: str, classes: Sequence[str]) -> str:
-    """SHA-256 over the slice table, the class list, the images' dtype and shape, and the SHA-256 of each image's
-    float16 bytes (`image_digests`): equal inputs give equal hashes.
-
-    Hashing image by image makes the hash independent of how the images were produced or split into pieces, so
-    ingest workers hash the slices they make, in parallel, and the parent only combines the 32-byte digests.
-    """
-    digests = hashlib.sha256()
-    for i in range(0, len(images), 4096):  # pieces: a memory-mapped dataset stays out of RAM
-        digests.update(image_digests(images[i : i + 4096]))
-    return _content_digest(slices_csv, classes, tuple(np.shape(images)), digests.digest())
-
-
-def image_digests(images: np.ndarray) -> bytes:
-    """The SHA-256 of each image's float16 bytes (C order), concatenated: 32 bytes per image."""
-    c16 = np.ascontiguousarray(images, dtype=np.float16)
-    return b"".join(hashlib.sha256(memoryview(img).cast("B")).digest() for img in c16)
-
-
-def _content_digest(slices_csv: str, classes: Sequence[str], shape: tuple[int, ...], digests: bytes) -> str:
-    h = hashlib.sha256(SCHEMA.encode())
-    h.update(("\x1f".join(classes)).encode())
-    h.update(slices_csv.encode())
-    sha256_array_header(np.float16, tuple(shape), h)
-    h.update(digests)  # the SHA-256 of the concatenated per-image digests
-    return h.hexdigest()
-
-
-def checked_float16(images: np.ndarray, first: int, where: str | Path) -> np.ndarray:
-    """`images` as contiguous float16 (the stored type), after checking every value is in [-1, 1] and not NaN.
-
-    The check reads the float16 bits: |x| <= 1 exactly when the bits without the sign are <= 0x3C00 (1.0), and NaN
-    and inf lie above it. One integer pass instead of three float32 reductions.
-
-    Raises:
-        ValueError: a value outside [-1, 1], NaN or inf, naming `where` and the images ``first..first + n``.
-    """
-    c16 = np.ascontiguousarray(images, dtype=np.float16)
-    if c16.size and int((c16.view(np.uint16) & 0x7FFF).max()) > 0x3C00:
-        raise ValueError(f"{where}: images {first}..{first + len(c16)} leave [-1, 1] or contain NaN")
-    return c16
 
 
 def _checked_rows(out: Path, rows: Sequence[dict[str, Any]], classes: Sequence[str]) -> list[dict[str, Any]]:
@@ -312,136 +242,3 @@ def write_dataset(
         for piece in images:
             w.add(piece)
         return w.finish(rows, classes, meta=meta, report=report, extra_files=extra_files)
-
-
-def _typed(path: Path, name: str, cells: Sequence[str]) -> np.ndarray:
-    """One column of ``slices.csv`` as numpy: int64 (`INT_COLUMNS`, empty = -1), float64 (`FLOAT_COLUMNS`,
-    empty = NaN) or text."""
-    try:
-        if name in INT_COLUMNS:
-            return np.fromiter((int(v) if v else -1 for v in cells), np.int64, len(cells))
-        if name in FLOAT_COLUMNS:
-            return np.fromiter((float(v) if v else np.nan for v in cells), np.float64, len(cells))
-    except ValueError as e:
-        raise ValueError(f"{path}/slices.csv: column {name!r} must hold numbers ({e}); rewrite the dataset") from e
-    return np.asarray(cells, dtype=str)
-
-
-def _read_table(path: Path) -> dict[str, np.ndarray]:
-    """``slices.csv`` parsed once into one typed array per column (`COLUMNS` always present)."""
-    with open(path / "slices.csv", newline="") as f:
-        reader = csv.reader(f)
-        header = next(reader, [])
-        cells = list(reader)
-    bad = next((i for i, r in enumerate(cells) if len(r) != len(header)), None)
-    if bad is not None:
-        raise ValueError(
-            f"{path}/slices.csv: row {bad} has {len(cells[bad])} cells, the header {len(header)}; rewrite the dataset"
-        )
-    by_name = dict(zip(header, zip(*cells, strict=True), strict=False)) if cells else dict.fromkeys(header, ())
-    n = len(cells)
-    del cells
-    return {name: _typed(path, name, by_name.get(name, ("",) * n)) for name in dict.fromkeys([*COLUMNS, *header])}
-
-
-@dataclass
-class SliceDataset:
-    """A slice dataset opened for reading: pixels memory-mapped, the table parsed once into typed columns.
-
-    Example:
-        >>> ds = SliceDataset.open("datasets/brain")
-        >>> x = ds.images[ds.indices("train")]    # float16 [n, 1, 128, 128]
-        >>> y = ds.labels[ds.indices("train")]    # int64 [n]
-        >>> ds.column("spacing_mm")               # float64 [N], NaN where unknown
-    """
-
-    path: Path
-    meta: dict[str, Any]
-    images: np.ndarray
-    columns: dict[str, np.ndarray]
-
-    @classmethod
-    def open(cls, path: str | Path) -> SliceDataset:
-        """Open a dataset folder written by `write_dataset`.
-
-        Raises:
-            FileNotFoundError: the folder or one of its files is missing (an unfinished ``.partial`` is named).
-            ValueError: the schema, shapes or table do not match ``medgan.slices/1``.
-        """
-        path = Path(path)
-        if not (path / "dataset.json").is_file():
-            hint = (
-                f" ({path}.partial exists: the ingest was interrupted; rerun it to resume)"
-                if Path(f"{path}.partial").exists()
-                else ""
-            )
-            raise FileNotFoundError(f"{path} is not a medgan dataset: dataset.json missing{hint}")
-        meta = read_json(path / "dataset.json")
-        if meta.get("schema") != SCHEMA:
-            raise ValueError(f"{path}: schema {meta.get('schema')!r}, expected {SCHEMA!r}")
-        images = np.load(path / "slices.npy", mmap_mode="r")
-        columns = _read_table(path)
-        if len(columns["row"]) != len(images):
-            raise ValueError(
-                f"{path}: slices.npy has {len(images)} slices but slices.csv has {len(columns['row'])} rows"
-            )
-        return cls(path=path, meta=meta, images=images, columns=columns)
-
-    @property
-    def classes(self) -> list[str]:
-        return list(self.meta["classes"])
-
-    @property
-    def content_hash(self) -> str:
-        return str(self.meta["content_hash"])
-
-    @property
-    def synthetic(self) -> bool:
-        return bool(self.meta.get("synthetic", False))
-
-    @property
-    def labels(self) -> npt.NDArray[np.int64]:
-        """The class index of each slice, int64 [N]."""
-        return self.columns["label"]
-
-    @property
-    def splits(self) -> np.ndarray:
-        """The split of each slice (``train`` | ``val`` | ``test``), text [N]."""
-        return self.columns["split"]
-
-    def column(self, name: str) -> np.ndarray:
-        """One column of the table: int64 for `INT_COLUMNS` (-1 where empty), float64 for `FLOAT_COLUMNS` (NaN where
-        empty), text otherwise.
-
-        Raises:
-            KeyError: `name` is not a column, listing the columns.
-        """
-        if name not in self.columns:
-            raise KeyError(f"{self.path}/slices.csv has no column {name!r}; columns: {list(self.columns)}")
-        return self.columns[name]
-
-    def rows(self) -> list[dict[str, Any]]:
-        """The table as one dict per slice (built on each call: for small datasets and tests; use `column`)."""
-        names, values = list(self.columns), [c.tolist() for c in self.columns.values()]
-        return [dict(zip(names, r, strict=True)) for r in zip(*values, strict=True)]
-
-    def geometry(self) -> dict[str, Any]:
-        """Typical in-plane ``spacing_mm`` (median over slices; None if unknown) and the most common ``modality``."""
-        spacing = self.columns["spacing_mm"]
-        spacing = spacing[np.isfinite(spacing)]
-        modalities = Counter(m for m in self.columns["modality"].tolist() if m)
-        return {
-            "spacing_mm": float(np.median(spacing)) if len(spacing) else None,
-            "modality": modalities.most_common(1)[0][0] if modalities else "",
-        }
-
-    def indices(self, split: str | None = None) -> np.ndarray:
-        """Row indices of one split (all rows when `split` is None)."""
-        if split is None:
-            return np.arange(len(self))
-        if split not in SPLITS:
-            raise ValueError(f"split {split!r} is not one of {SPLITS}")
-        return np.flatnonzero(self.splits == split)
-
-    def __len__(self) -> int:
-        return len(self.columns["row"])
