@@ -17,8 +17,8 @@
 #
 # Usage: pipelines/ablation.sh [DATASET]      (no DATASET: build the brain MRI subset from ../shared/data)
 #   env: KIMG (2), SEEDS ("0 1 2"), PER_CLASS (10), JOBS (2 runs at a time), BRAIN_MRI_DIR, MEDGAN_WORKDIR (default: the repo root)
-# Cost on a 2-core CPU machine: 18 runs of 2 kimg, two at a time at one thread each (~50 min), plus ~30 s of
-# evaluation per run.
+# Cost on a 2-core CPU machine: 18 runs of 2 kimg, two at a time at one thread each (40 min measured), then one
+# `medgan evaluate` per run (1-2 min each, 40 min measured while other work shared the machine).
 set -euo pipefail
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 WORK=${MEDGAN_WORKDIR:-$REPO}
