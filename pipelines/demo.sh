@@ -11,7 +11,6 @@ WORK=${MEDGAN_WORKDIR:-$REPO}
 MEDGAN=${MEDGAN:-"$REPO/.venv/bin/medgan"}
 mkdir -p "$WORK" && cd "$WORK"
 export MLFLOW_TRACKING_URI=${MLFLOW_TRACKING_URI:-"sqlite:///$WORK/mlflow.db"}
-export MEDGAN_KEY_FILE=${MEDGAN_KEY_FILE:-"$WORK/.medgan/pseudonym.key"}
 
 # 1. Real DICOM (JPEG 2000) + NIfTI with organ label maps -> 128x128 slices classed liver/kidney/bladder.
 "$MEDGAN" ingest --manifest "$REPO/data_manifests/sample.csv" --root "$REPO/data/sample" --out datasets/sample --overwrite \
