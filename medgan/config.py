@@ -147,8 +147,8 @@ class ExportConfig:
     png_bits: int = 8  # 8 | 16
     split: str = "train"  # slices.csv split of every exported row (train so `medgan train` reads it as is)
     spacing_mm: float = 0.0  # in-plane pixel spacing for NIfTI/DICOM; 0 = the training data's when known, else 1.0
-    # auto | cpu | cuda | cuda:N (auto: CUDA when available). One device repeats its pixels exactly; CPU and CUDA
-    # kernels round float32 differently, so another device can differ by a grey level (benchmarks/README.md).
+    # auto | cpu | cuda | cuda:N (auto: CUDA when available). Kernels round differently per device and, on a CPU,
+    # sometimes from one run to the next (one float16 step seen), so pixels can differ by a grey level at most.
     device: str = "auto"
     workers: int = 0  # threads encoding and writing files; 0 = min(8, cores)
     min_class_confidence: float = 0.0  # > 0: keep samples the domain classifier gives >= this probability of its class
