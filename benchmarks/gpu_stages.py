@@ -179,10 +179,10 @@ def train_config(args: argparse.Namespace, kimg: float, extra: list[str]) -> lis
 def stage_train(args: argparse.Namespace, out: Fragment) -> None:
     import torch
 
+    from medgan import checkpoint
     from medgan.config import load_config
     from medgan.tracking.runs import Tracker
     from medgan.tracking.store import experiment_runs
-    from medgan.train import checkpoint
     from medgan.train.loop import train
 
     # Up to 2 minutes, sized from the step's measured rate (train_step at batch 64) with a margin for the recipe's

@@ -72,21 +72,13 @@ def _fmt(s: dict | None, digits: int = 3) -> str:
 
 def load_runs(uri: str, experiment: str) -> list[dict]:
     """Finished runs of the experiment with params and metric histories, oldest first."""
-    from mlflow.tracking import MlflowClient
+    from medgan.tracking.store import experiment_runs, resolve_uri
 
-    client = MlflowClient(tracking_uri=uri)
-    exp = client.get_experiment_by_name(experiment)
-    if exp is None:
-        names = sorted(e.name for e in client.search_experiments())
-        raise SystemExit(f"ablation_report: no experiment {experiment!r}; experiments: {names}")
-    runs = client.search_runs([exp.experiment_id], order_by=["attributes.start_time ASC"], max_results=1000)
-    out = []
-    for r in runs:
-        if r.info.status != "FINISHED":
-            continue
-        hist = {k: sorted((m.step, m.value) for m in client.get_metric_history(r.info.run_id, k)) for k in KEYS}
-        out.append({"run_name": r.info.run_name, "params": dict(r.data.params), "history": hist})
-    return out
+    try:
+        runs = experiment_runs(resolve_uri(uri), experiment, KEYS)
+    except ValueError as e:
+        raise SystemExit(f"ablation_report: {e}") from None
+    return [r for r in runs if r["status"] == "FINISHED"]
 
 
 def summarise(runs: list[dict], reports: Path | None) -> dict[str, dict]:

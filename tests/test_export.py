@@ -441,9 +441,9 @@ def test_evaluate_sees_the_export_as_synthetic(exports):
 
 def test_run_export_from_a_checkpoint_file(tmp_path):
     """`run_export` resolves a checkpoint path through `medgan.tracking.registry.load_generator` (no store needed)."""
+    from medgan.checkpoint import save
     from medgan.config import to_dict
     from medgan.export import run_export
-    from medgan.train.checkpoint import save
 
     src = tiny_loaded()
     cfg = make_cfg("png", n=2)

@@ -25,6 +25,7 @@ from mlflow.entities import LoggedModel
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 
+from medgan import checkpoint
 from medgan.models.generator import LoadedGenerator
 from medgan.tracking.store import api_error, connect, redact, resolve_uri
 
@@ -32,7 +33,6 @@ CANDIDATE = "candidate"
 MODEL_NAME = "generator"  # the logged model's name inside a training run
 MODEL_ID_TAG = "model_id"  # on a model version: its LoggedModel
 EVAL_RUN_TAG = "eval.run_id"  # on a model version: its newest evaluation run (the metrics live there)
-CHECKPOINT = re.compile(r"^ckpt-(\d{9})\.pt$")  # the names medgan train gives its checkpoints
 
 
 # Loading.
@@ -132,21 +132,12 @@ def _download_model_artifacts(client: MlflowClient, model_id: str, dst: str) -> 
 
 def _from_checkpoint(path: Path) -> LoadedGenerator:
     """The EMA generator of a checkpoint file, or of a run folder's newest checkpoint (weights_only: no code runs)."""
-    import torch
-
     if path.is_dir():
-        found = sorted(p for p in path.glob("ckpt-*.pt") if CHECKPOINT.match(p.name))
-        if not found:
+        found = checkpoint.latest(path)
+        if found is None:
             raise FileNotFoundError(f"{path} holds no ckpt-*.pt; pass a checkpoint or a run folder of medgan train")
-        path = found[-1]
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} not found")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # a truncated or foreign file
-        raise ValueError(f"{path} is not a readable medgan checkpoint ({e})") from e
-    if not isinstance(state, dict) or not {"G_ema", "config", "classes"} <= state.keys():
-        raise ValueError(f"{path} is not a medgan checkpoint (no G_ema/config); pass a ckpt-*.pt of medgan train")
+        path = found
+    state = checkpoint.load(path)
     info = {
         "checkpoint": str(path),
         "dataset_hash": state.get("dataset_hash"),

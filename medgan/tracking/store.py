@@ -184,7 +184,8 @@ def experiment_runs(uri: str, experiment: str, metrics: tuple[str, ...]) -> list
         metrics: metric keys whose histories to fetch, e.g. ``("loss/d", "d/acc_real")``.
 
     Returns:
-        ``[{"run_id", "run_name", "status", "params": {...}, "history": {key: [(step, value), ...]}}]``.
+        ``[{"run_id", "run_name", "status", "params": {...}, "history": {key: [(step, value), ...]}}]``, each history
+        in step order.
 
     Raises:
         ValueError: the experiment does not exist (the message lists the ones that do).
@@ -202,7 +203,8 @@ def experiment_runs(uri: str, experiment: str, metrics: tuple[str, ...]) -> list
             "status": r.info.status,
             "params": dict(r.data.params),
             "history": {
-                k: [(m.step, m.value) for m in client.get_metric_history(r.info.run_id, metric_key(k))] for k in metrics
+                k: sorted((m.step, m.value) for m in client.get_metric_history(r.info.run_id, metric_key(k)))
+                for k in metrics
             },
         }
         for r in runs

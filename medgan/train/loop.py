@@ -16,13 +16,14 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from medgan import checkpoint
 from medgan.config import Config, flatten, from_dict, to_dict
 from medgan.data import DeviceFeeder, step_seed
 from medgan.dataset import SliceDataset
 from medgan.models.discriminator import Discriminator
 from medgan.models.generator import Generator, generate
 from medgan.tracking.null import NullTracker
-from medgan.train import checkpoint, dist, losses
+from medgan.train import dist, losses
 from medgan.train.augment import Augment
 from medgan.train.monitor import Monitor, NonFiniteError, diversity
 from medgan.viz import health_figure, image_grid, save_png

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from medgan.train import checkpoint
+from medgan import checkpoint
 
 DRIVER = textwrap.dedent(
     """

@@ -7,7 +7,8 @@ import pytest
 import torch
 from train_helpers import halves_dataset, tiny_config
 
-from medgan.train import checkpoint, losses
+from medgan import checkpoint
+from medgan.train import losses
 from medgan.train.loop import train
 from medgan.train.monitor import Monitor, diversity
 

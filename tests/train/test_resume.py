@@ -6,8 +6,8 @@ import pytest
 import torch
 from train_helpers import halves_dataset, tiny_config
 
+from medgan import checkpoint
 from medgan.tracking.registry import load_generator
-from medgan.train import checkpoint
 from medgan.train.loop import train
 
 

@@ -1,5 +1,8 @@
 """Checkpoints: state_dicts + plain data in one torch.save buffer, written atomically, loaded with weights_only=True.
 
+The file format lives beside the dataset contract, not in `train/`, because training writes it and the tracking
+package reads it (to load a generator) without either importing the other.
+
 A checkpoint holds G, D, G_ema, both optimizers, the augmentation and monitor state, counters, RNG state, the resolved
 config, the classes and the dataset content hash, so `--resume` continues exactly. Its generator is loaded, like
 every other generator reference, by `medgan.tracking.registry.load_generator`. Files are named
@@ -46,7 +49,7 @@ def load(path: str | Path) -> dict[str, Any]:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # a truncated or foreign file
         raise ValueError(f"{path} is not a readable medgan checkpoint ({e})") from e
-    if not isinstance(state, dict) or "G_ema" not in state or "config" not in state:
+    if not isinstance(state, dict) or not {"G_ema", "config", "classes"} <= state.keys():
         raise ValueError(f"{path} is not a medgan checkpoint (no G_ema/config); pass a ckpt-*.pt of medgan train")
     return state
 
