@@ -1,7 +1,7 @@
 """Checkpoints: state_dicts + plain data in one torch.save buffer, written atomically, loaded with weights_only=True.
 
 The file format lives beside the dataset contract, not in `train/`, because training writes it and the tracking
-package reads it (to load a generator) without either importing the other.
+package reads it (to load a generator), and tracking imports nothing from `train/`.
 
 A checkpoint holds G, D, G_ema, both optimizers, the augmentation and monitor state, counters, RNG state, the resolved
 config, the classes and the dataset content hash, so `--resume` continues exactly. Its generator is loaded, like
