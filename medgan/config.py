@@ -62,6 +62,7 @@ class ModelConfig:
     d_reduce_channels: int | None = 32  # 1x1 conv reduction of D's 64x64 features; None ("none") = unreduced
     spectral_norm: bool = True  # spectral norm in D
     embed_dim: int = 128  # class embedding size for conditional batch norm in G
+    g_blocks: str = "plain"  # plain (upsample-conv-CBN-ReLU) | residual (BigGAN blocks)
 
     def __post_init__(self) -> None:
         _check_section("model", self)
@@ -70,6 +71,7 @@ class ModelConfig:
 @dataclass
 class TrainConfig:
     total_kimg: float = 200.0  # training length in thousands of real images shown to D
+    max_minutes: float = 0.0  # wall-clock budget of this invocation; training ends at whichever comes first (0 = none)
     batch_size: int = 32  # global batch (split across DDP ranks)
     d_steps: int = 1  # D steps per G step
     lr_g: float = 2e-4

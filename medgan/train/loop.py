@@ -161,6 +161,7 @@ def train(
     grad_g = grad_d = torch.zeros((), device=device)
     bar = tqdm(total=total, initial=min(images_seen, total), unit="img", disable=not (env.is_main and t.progress))
     tick_time, tick_images = time.perf_counter(), images_seen
+    deadline = tick_time + t.max_minutes * 60 if t.max_minutes > 0 else None
 
     def snapshot() -> Path:
         state = {
@@ -231,6 +232,11 @@ def train(
                 for be, bg in zip(G_ema.buffers(), G.buffers(), strict=True):
                     be.copy_(bg)
             bar.update(min(images_seen, total) - bar.n)
+            if deadline is not None and log_now:
+                # The wall-clock budget, checked at log points and agreed by every rank: the run ends here, saved.
+                late = torch.tensor(float(time.perf_counter() > deadline), device=device)
+                if float(dist.all_reduce_mean(env, late)) > 0:
+                    total = images_seen
             done = images_seen >= total
 
             # Health watch at log intervals: the only place training metrics reach the host.

@@ -60,6 +60,7 @@ class RecordingTracker:
         self.params: dict[str, str] = {}
         self.finished: str | None = None
         self.artifacts: list[str] = []
+        self.registered: int | None = None  # the step a generator was registered at
 
     def start(self, cfg, dataset, run_name, *, resume_run_id=None):
         self.started = (run_name, resume_run_id)
@@ -80,7 +81,7 @@ class RecordingTracker:
         self.tags.update(tags)
 
     def register_generator(self, G_ema, cfg, classes, dataset_hash, metrics, step=0):
-        return None
+        self.registered = step
 
     def missing(self):
         return []
