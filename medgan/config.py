@@ -62,7 +62,6 @@ class ModelConfig:
     d_reduce_channels: int | None = 32  # 1x1 conv reduction of D's 64x64 features; None ("none") = unreduced
     spectral_norm: bool = True  # spectral norm in D
     embed_dim: int = 128  # class embedding size for conditional batch norm in G
-    g_blocks: str = "plain"  # plain (upsample-conv-CBN-ReLU) | residual (BigGAN blocks)
 
     def __post_init__(self) -> None:
         _check_section("model", self)

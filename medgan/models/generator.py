@@ -47,42 +47,18 @@ class UpBlock(nn.Module):
         return F.relu(self.norm(x, e))
 
 
-class ResUpBlock(nn.Module):
-    # BigGAN's G block (Brock 2019): CBN-ReLU-up-conv-CBN-ReLU-conv, plus a 1x1 conv of the upsampled input.
-    def __init__(self, cin: int, cout: int, embed_dim: int):
-        super().__init__()
-        self.norm1 = CondBatchNorm(cin, embed_dim)
-        self.conv1 = nn.Conv2d(cin, cout, 3, padding=1, bias=False)
-        self.norm2 = CondBatchNorm(cout, embed_dim)
-        self.conv2 = nn.Conv2d(cout, cout, 3, padding=1)
-        self.skip = nn.Conv2d(cin, cout, 1)
-
-    def forward(self, x: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
-        h = self.conv1(F.interpolate(F.relu(self.norm1(x, e)), scale_factor=2.0, mode="nearest"))
-        h = self.conv2(F.relu(self.norm2(h, e)))
-        return h + self.skip(F.interpolate(x, scale_factor=2.0, mode="nearest"))
-
-
 class Generator(nn.Module):
     def __init__(
-        self,
-        num_classes: int,
-        z_dim: int = 128,
-        width: int = 64,
-        max_channels: int = 1024,
-        embed_dim: int = 128,
-        blocks: str = "plain",
+        self, num_classes: int, z_dim: int = 128, width: int = 64, max_channels: int = 1024, embed_dim: int = 128
     ):
         super().__init__()
-        self.num_classes, self.z_dim, self.residual = num_classes, z_dim, blocks == "residual"
+        self.num_classes, self.z_dim = num_classes, z_dim
         # Channels per resolution: width * 16 at 4x4 halving to `width` at 64x64 (DCGAN-128 widths at width=64).
         ch = {r: min(width * (64 // r), max_channels) for r in (4, 8, 16, 32, 64)}
         self.embed = nn.Embedding(num_classes, embed_dim)
         self.fc = nn.Linear(z_dim, ch[4] * 4 * 4, bias=False)
-        Block = ResUpBlock if self.residual else UpBlock
-        self.fc_norm = CondBatchNorm(ch[4], embed_dim) if not self.residual else None
-        self.blocks = nn.ModuleList([Block(ch[r], ch[2 * r], embed_dim) for r in (4, 8, 16, 32)])
-        self.out_norm = CondBatchNorm(ch[64], embed_dim) if self.residual else None
+        self.fc_norm = CondBatchNorm(ch[4], embed_dim)
+        self.blocks = nn.ModuleList([UpBlock(ch[r], ch[2 * r], embed_dim) for r in (4, 8, 16, 32)])
         self.out = nn.Conv2d(ch[64], 1, 3, padding=1)
         self.penultimate_channels = ch[64]
 
@@ -90,12 +66,9 @@ class Generator(nn.Module):
         """The penultimate feature map, [B, width, 64, 64]."""
         e = self.embed(labels)
         x = self.fc(z).view(z.shape[0], -1, 4, 4)  # (B, 16w, 4, 4)
-        if self.fc_norm is not None:
-            x = F.relu(self.fc_norm(x, e))
+        x = F.relu(self.fc_norm(x, e))
         for block in self.blocks:  # 4 -> 8 -> 16 -> 32 -> 64
             x = block(x, e)
-        if self.out_norm is not None:
-            x = F.relu(self.out_norm(x, e))
         return x  # (B, w, 64, 64)
 
     def forward(self, z: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -106,7 +79,7 @@ class Generator(nn.Module):
 
     @classmethod
     def from_config(cls, cfg: ModelConfig, num_classes: int) -> Generator:
-        return cls(num_classes, cfg.z_dim, cfg.width, cfg.g_max_channels, cfg.embed_dim, cfg.g_blocks)
+        return cls(num_classes, cfg.z_dim, cfg.width, cfg.g_max_channels, cfg.embed_dim)
 
 
 def noise_for_seeds(seeds: Sequence[int], z_dim: int) -> torch.Tensor:
