@@ -508,3 +508,21 @@ def test_system_metrics_when_psutil_present(tracked, monkeypatch):
     tracker.finish()
     keys = tracker.client.get_run(tracker.run_id).data.metrics
     assert "system/cpu_utilization_percentage" in keys and "system/system_memory_usage_megabytes" in keys
+
+
+def _connect_and_make(uri_and_name: tuple[str, str]) -> str:
+    uri, name = uri_and_name
+    client = store.connect(uri)
+    return client.create_experiment(name)
+
+
+def test_processes_starting_together_on_a_new_sqlite_store_all_connect(tmp_path):
+    # Two `medgan train` started at once on a new mlflow.db both run MLflow's schema migration; without the lock
+    # beside the store the second fails with "Online migration expected to match one row".
+    import multiprocessing
+
+    uri = store.resolve_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    with multiprocessing.get_context("spawn").Pool(3) as pool:
+        ids = pool.map(_connect_and_make, [(uri, f"exp-{i}") for i in range(3)])
+    assert len(set(ids)) == 3
+    assert {e.name for e in mlflow.MlflowClient(uri).search_experiments()} >= {"exp-0", "exp-1", "exp-2"}

@@ -27,7 +27,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 
@@ -41,6 +40,7 @@ from medgan.tracking.store import (
     health,
     is_http,
     metric_key,
+    new_client,
     redact,
     resolve_uri,
     short_error,
@@ -74,7 +74,7 @@ class Tracker:
         self.uri = resolve_uri(track.tracking_uri)
         self.track = track
         self.finish_wait_s = finish_wait_s
-        self.client = MlflowClient(tracking_uri=self.uri, registry_uri=self.uri)
+        self.client = new_client(self.uri)
         self.run_id: str | None = None
         self.experiment_id: str | None = None
         self.registered_model = track.registered_model

@@ -7,6 +7,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import re
 import subprocess
 import time
@@ -15,6 +16,11 @@ import urllib.parse
 import urllib.request
 from pathlib import Path
 from typing import Any
+
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory locks; start concurrent runs on a new store one after the other there
+    fcntl = None
 
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
@@ -135,12 +141,36 @@ def connect(uri: str) -> MlflowClient:
         RuntimeError: the server is unreachable, or it answers /health but its API fails (one line, no traceback).
     """
     check_reachable(uri)
-    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
     try:
+        client = new_client(uri)
         client.search_experiments(max_results=1)
     except (MlflowException, OSError) as e:
         raise api_error(uri, e) from None
     return client
+
+
+def new_client(uri: str) -> MlflowClient:
+    """An MlflowClient on `uri`. On a sqlite store its creation (which creates or migrates the schema) holds a lock
+    beside the database: two processes starting on a new ``mlflow.db`` at once would both migrate it, and the second
+    would fail ("Online migration expected to match one row", "duplicate column name")."""
+    with _sqlite_init_lock(uri):
+        return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+@contextlib.contextmanager
+def _sqlite_init_lock(uri: str):
+    """An exclusive lock on ``<db>.lock`` beside a sqlite store; nothing elsewhere."""
+    if not uri.startswith("sqlite:///") or fcntl is None:
+        yield
+        return
+    path = Path(uri[len("sqlite:///") :])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(path.name + ".lock"), "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def artifact_root(uri: str, experiment: str) -> str | None:
@@ -190,7 +220,7 @@ def experiment_runs(uri: str, experiment: str, metrics: tuple[str, ...]) -> list
     Raises:
         ValueError: the experiment does not exist (the message lists the ones that do).
     """
-    client = MlflowClient(tracking_uri=uri)
+    client = new_client(uri)
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
         names = sorted(e.name for e in client.search_experiments())
