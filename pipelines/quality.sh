@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# Quality per CPU-minute: the brain MRI recipe of an earlier revision ("before") against this checkout's ("after"), at
+# the same wall-clock budget on the same data, both trained and evaluated by this checkout's code.
+#   data     the brain MRI Training set, ingested with configs/ingest/brain_mri_2d.yaml (4,586 train images)
+#   before   configs/train/cpu_brain.yaml as it was at BASELINE_REV (the networks' code is the same)
+#   after    this checkout's code and configs/train/cpu_brain.yaml
+#   budget   MINUTES of training per run (train.max_minutes): the two arms of a seed run side by side, one thread
+#            each, so they share the machine equally (two one-thread runs do ~1.3x the images of one two-thread run)
+#   eval     `medgan evaluate` on each final generator (eval defaults: 200 images per class, 3 classifier seeds), and
+#            again on a `medgan export --min-class-confidence P` of it (TSTR with and without the filter)
+# benchmarks/quality.py then writes benchmarks/results/quality-cpu.json and the table in docs/results.md reads it.
+#
+# Usage: pipelines/quality.sh
+#   env: MINUTES (45), SEEDS ("0"), BASELINE_REV (d2a1d5e), CONFIDENCE (0.9), N_PER_CLASS (200), BRAIN_MRI_DIR, MEDGAN_WORKDIR (the repo),
+#        DATASET (an ingested dataset instead of the brain MRI set), EVAL_ARGS (extra `medgan evaluate` options)
+# Cost on a 2-core CPU machine: MINUTES per seed for the training, then ~10 min of evaluation per seed.
+set -euo pipefail
+REPO=$(cd "$(dirname "$0")/.." && pwd)
+WORK=${MEDGAN_WORKDIR:-$REPO}
+MINUTES=${MINUTES:-45}
+SEEDS=${SEEDS:-"0"}
+BASELINE_REV=${BASELINE_REV:-d2a1d5e}
+CONFIDENCE=${CONFIDENCE:-0.9}
+N_PER_CLASS=${N_PER_CLASS:-200}
+[ -n "${MEDGAN_SKIP_SETUP:-}" ] || bash "$REPO/pipelines/setup.sh"
+PY=${PY:-"$REPO/.venv/bin/python"}
+mkdir -p "$WORK" && cd "$WORK"
+export MLFLOW_TRACKING_URI=${MLFLOW_TRACKING_URI:-"sqlite:///$WORK/mlflow.db"}
+export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
+
+SRC=${BRAIN_MRI_DIR:-"$REPO/../shared/data/labelled_2d/brain_tumor_mri/Training"}
+DATASET=${DATASET:-"$WORK/datasets/brain_mri"}
+[ -f "$DATASET/dataset.json" ] ||
+  "$PY" -m medgan ingest "$SRC" --out "$DATASET" --config "$REPO/configs/ingest/brain_mri_2d.yaml"
+
+mkdir -p "$WORK/quality"
+git -C "$REPO" show "$BASELINE_REV:configs/train/cpu_brain.yaml" > "$WORK/quality/before.yaml"
+cp "$REPO/configs/train/cpu_brain.yaml" "$WORK/quality/after.yaml"
+medgan() { "$PY" -m medgan "$@"; }
+
+run() {  # ARM SEED: one training run, its evaluation, and the filtered export's evaluation
+  local arm=$1 seed=$2 out="$WORK/quality/$1-s$2"
+  if ! ls "$out"/runs/*/ckpt-*.pt > /dev/null 2>&1 || [ ! -f "$out/trained" ]; then
+    medgan train --data "$DATASET" --out "$out/runs" --config "$WORK/quality/$arm.yaml" \
+      --set train.total_kimg=10000 --set "train.max_minutes=$MINUTES" --set "train.seed=$seed" \
+      --set train.progress=false --set "track.experiment=medgan-quality-brain_mri" --set track.register=false
+    touch "$out/trained"
+  fi
+  local ckpt
+  ckpt=$(ls "$out"/runs/*/ckpt-*.pt | sort | tail -n 1)
+  [ -f "$out/eval/metrics.json" ] || medgan evaluate --model "$ckpt" --data "$DATASET" --out "$out/eval" --n-per-class "$N_PER_CLASS" ${EVAL_ARGS:-}
+  [ -f "$out/filtered/dataset.json" ] || medgan export --model "$ckpt" --out "$out/filtered" --format npy \
+    --n-per-class "$N_PER_CLASS" --min-class-confidence "$CONFIDENCE" --data "$DATASET" --set export.max_draws_per_class=20000
+  [ -f "$out/eval-filtered/metrics.json" ] ||
+    medgan evaluate --model "$out/filtered" --data "$DATASET" --out "$out/eval-filtered" ${EVAL_ARGS:-}
+}
+
+for seed in $SEEDS; do
+  # The two arms of a seed side by side; the second starts 30 s later so the first creates the MLflow store alone.
+  run before "$seed" & a=$!
+  (sleep 30; run after "$seed") & b=$!
+  wait "$a"; wait "$b"
+done
+"$PY" "$REPO/benchmarks/quality.py" --work "$WORK/quality" --minutes "$MINUTES" --baseline-rev "$BASELINE_REV" \
+  --confidence "$CONFIDENCE" --out-json "${OUT_JSON:-$REPO/benchmarks/results/quality-cpu.json}"
