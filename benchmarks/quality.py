@@ -70,6 +70,74 @@ def read_run(folder: Path, minutes: float) -> dict | None:
     return m
 
 
+SCREEN_KEYS = (
+    "fd",
+    "precision",
+    "recall",
+    "class_fidelity",
+    "tstr_trtr_ratio",
+    "tstr_trtr_auc_ratio",
+    "ms_ssim_synthetic",
+)
+
+
+def read_screens(folder: Path) -> list[dict]:
+    """Short screening runs: ``<folder>/runs/<name>/*/ckpt-*.pt`` (the last one evaluated into
+    ``<folder>/reports/<name>/metrics.json``); the settings that differ are read from the checkpoint's config."""
+    import torch
+
+    out = []
+    for report in sorted(folder.glob("reports/*/metrics.json")):
+        name = report.parent.name
+        ckpt = sorted(folder.glob(f"runs/{name}/*/ckpt-*.pt"))[-1]
+        cfg = torch.load(ckpt, map_location="cpu", weights_only=True)["config"]
+        m = json.loads(report.read_text())["metrics"]
+        out.append(
+            {
+                "name": name,
+                "batch_size": cfg["train"]["batch_size"],
+                "augment": cfg["train"]["augment"],
+                "g_blocks": cfg["model"].get("g_blocks", "plain"),
+                "kimg": int(re.search(r"ckpt-(\d+)", ckpt.name).group(1)) / 1000,
+                **{k: m.get(k) for k in SCREEN_KEYS},
+            }
+        )
+    return out
+
+
+def cue_stats(images: np.ndarray) -> dict:
+    """Low-level statistics a discriminator could separate real from synthetic by, without looking at anatomy.
+
+    ``exact_black``: pixels exactly -1 (ingest clips the background there; tanh never reaches it). ``pair_ratio``:
+    mean |horizontal step| inside pixel pairs (0-1, 2-3, ...) over that across pairs (1-2, 3-4, ...): below 1 when
+    images were upsampled by 2 somewhere. ``phase8``: the mean |step| at each phase of an 8-pixel grid, normalised
+    (JPEG's 8x8 blocks of a 256- or 512-pixel source land every 4 or 2 pixels at 128).
+    """
+    x = images.astype(np.float32).reshape(len(images), -1, images.shape[-1])
+    d = np.abs(np.diff(x, axis=-1)).mean(axis=(0, 1))
+    phase = np.array([d[k::8].mean() for k in range(8)])
+    return {
+        "exact_black": float((x == -1).mean()),
+        "below_-0.9": float((x < -0.9).mean()),
+        "pair_ratio": float(d[0::2].mean() / d[1::2].mean()),
+        "phase8": [round(float(v), 3) for v in phase / phase.mean()],
+    }
+
+
+def read_cues(dataset: Path, checkpoint: Path, n_per_class: int = 64) -> dict:
+    from medgan.dataset import SliceDataset
+    from medgan.models.generator import generate
+    from medgan.tracking.registry import load_generator
+
+    ds = SliceDataset.open(dataset)
+    train = ds.indices("train")
+    real = np.asarray(ds.images[np.sort(train[np.linspace(0, len(train) - 1, 4 * n_per_class).astype(int)])])
+    loaded = load_generator(str(checkpoint))
+    nc = len(loaded.classes)
+    fake = generate(loaded.G, np.repeat(np.arange(nc), n_per_class), np.tile(np.arange(n_per_class), nc))
+    return {"checkpoint": checkpoint.name, "real": cue_stats(real), "synthetic": cue_stats(fake)}
+
+
 def summarize(runs: list[dict], key: str, spread_key: str | None) -> dict | None:
     vals = [r[key] for r in runs if isinstance(r.get(key), (int, float))]
     if not vals:
@@ -97,6 +165,8 @@ def main() -> None:
     ap.add_argument("--minutes", type=float, required=True)
     ap.add_argument("--baseline-rev", default="")
     ap.add_argument("--confidence", type=float, default=0.9)
+    ap.add_argument("--screens", type=Path, help="a folder of short screening runs to record beside the comparison")
+    ap.add_argument("--cues", type=Path, help="the real dataset: low-level real/synthetic cues of the after arm's run")
     ap.add_argument("--out-json", type=Path)
     args = ap.parse_args()
 
@@ -106,11 +176,11 @@ def main() -> None:
         run = read_run(folder, args.minutes) if arm in per_arm else None
         if run is not None:
             per_arm[arm][seed] = run
-    fmt = {"confidence": args.confidence}
+    fmt = {"confidence": args.confidence, "fd_real_floor": float("nan"), "ms_ssim_real": float("nan")}
     for arm in ARMS:
         for run in per_arm[arm].values():
-            fmt.setdefault("fd_real_floor", run.get("fd_real_floor", float("nan")))
-            fmt.setdefault("ms_ssim_real", run.get("ms_ssim_real", float("nan")))
+            fmt["fd_real_floor"] = run.get("fd_real_floor", fmt["fd_real_floor"])
+            fmt["ms_ssim_real"] = run.get("ms_ssim_real", fmt["ms_ssim_real"])
     table = {arm: {key: summarize(list(per_arm[arm].values()), key, sk) for _, key, _, sk in ROWS} for arm in ARMS}
 
     seeds = {arm: sorted(per_arm[arm]) for arm in ARMS}
@@ -124,6 +194,13 @@ def main() -> None:
             f"| {label.format(**fmt)} | {cell(table['before'][key], digits)} | {cell(table['after'][key], digits)} |"
         )
     print("\n".join(lines))
+    screens = read_screens(args.screens) if args.screens else []
+    if screens:
+        print("\n| screen | batch | augment | G blocks | kimg | " + " | ".join(SCREEN_KEYS) + " |")
+        print("|---" * (5 + len(SCREEN_KEYS)) + "|")
+        for r in screens:
+            vals = " | ".join(f"{r[k]:.3f}" if isinstance(r[k], float) else "-" for k in SCREEN_KEYS)
+            print(f"| {r['name']} | {r['batch_size']} | {r['augment']} | {r['g_blocks']} | {r['kimg']:.1f} | {vals} |")
 
     if args.out_json:
         results = {
@@ -134,6 +211,12 @@ def main() -> None:
             "runs": per_arm,
             "summary": table,
         }
+        if screens:
+            results["screens"] = screens
+        after = sorted(args.work.glob("after-s*/runs/*/ckpt-*.pt"))
+        if args.cues and after:
+            results["cues"] = read_cues(args.cues, after[-1])
+            print("\nlow-level cues (real vs synthetic):", json.dumps(results["cues"]))
         args.out_json.parent.mkdir(parents=True, exist_ok=True)
         args.out_json.write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
 

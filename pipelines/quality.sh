@@ -12,7 +12,8 @@
 #
 # Usage: pipelines/quality.sh
 #   env: MINUTES (45), SEEDS ("0"), BASELINE_REV (d2a1d5e), CONFIDENCE (0.9), N_PER_CLASS (200), BRAIN_MRI_DIR, MEDGAN_WORKDIR (the repo),
-#        DATASET (an ingested dataset instead of the brain MRI set), EVAL_ARGS (extra `medgan evaluate` options)
+#        DATASET (an ingested dataset instead of the brain MRI set), EVAL_ARGS (extra `medgan evaluate` options),
+#        SCREENS (a folder of short screening runs, runs/<name>/ and reports/<name>/, recorded beside the comparison)
 # Cost on a 2-core CPU machine: MINUTES per seed for the training, then ~10 min of evaluation per seed.
 set -euo pipefail
 REPO=$(cd "$(dirname "$0")/.." && pwd)
@@ -62,4 +63,5 @@ for seed in $SEEDS; do
   wait "$a"; wait "$b"
 done
 "$PY" "$REPO/benchmarks/quality.py" --work "$WORK/quality" --minutes "$MINUTES" --baseline-rev "$BASELINE_REV" \
-  --confidence "$CONFIDENCE" --out-json "${OUT_JSON:-$REPO/benchmarks/results/quality-cpu.json}"
+  --confidence "$CONFIDENCE" --cues "$DATASET" ${SCREENS:+--screens "$SCREENS"} \
+  --out-json "${OUT_JSON:-$REPO/benchmarks/results/quality-cpu.json}"
