@@ -23,8 +23,8 @@ ARMS = ("before", "after")
 # (label, metric key, digits, spread key from the classifier seeds or None)
 ROWS = [
     ("kimg reached in the budget", "kimg", 1, None),
-    ("img/s", "img_per_s", 1, None),
-    ("FD on domain features (real floor {fd_real_floor:.2f})", "fd", 2, None),
+    ("img/s (kimg reached / budget)", "img_per_s", 1, None),
+    ("FD on domain features (real floor {fd_real_floor})", "fd", 2, None),
     ("KID x1000", "kid_x1000", 0, None),
     ("precision", "precision", 2, None),
     ("recall", "recall", 2, None),
@@ -50,7 +50,7 @@ ROWS = [
     ),
     ("class fidelity, filtered export", "filtered.class_fidelity", 3, None),
     ("near-copy fraction (pixel space)", "near_copy_fraction", 3, None),
-    ("within-class MS-SSIM (real {ms_ssim_real:.2f})", "ms_ssim_synthetic", 3, None),
+    ("within-class MS-SSIM (real {ms_ssim_real})", "ms_ssim_synthetic", 3, None),
 ]
 
 
@@ -59,7 +59,8 @@ def read_run(folder: Path, minutes: float) -> dict | None:
     if not ev.is_file():
         return None
     m = dict(json.loads(ev.read_text())["metrics"])
-    ckpts = sorted(folder.glob("runs/*/ckpt-*.pt"))
+    marker = folder / "checkpoint"  # pipelines/quality.sh: the run's last checkpoint
+    ckpts = [Path(marker.read_text().strip())] if marker.is_file() else sorted(folder.glob("runs/*/ckpt-*.pt"))
     images = int(re.search(r"ckpt-(\d+)", ckpts[-1].name).group(1)) if ckpts else 0
     m["kimg"] = images / 1000
     m["img_per_s"] = images / (minutes * 60)
@@ -84,13 +85,16 @@ SCREEN_KEYS = (
 def read_screens(folder: Path) -> list[dict]:
     """Short screening runs: ``<folder>/runs/<name>/*/ckpt-*.pt`` (the last one evaluated into
     ``<folder>/reports/<name>/metrics.json``); the settings that differ are read from the checkpoint's config."""
-    import torch
+    from medgan import checkpoint
 
     out = []
     for report in sorted(folder.glob("reports/*/metrics.json")):
         name = report.parent.name
-        ckpt = sorted(folder.glob(f"runs/{name}/*/ckpt-*.pt"))[-1]
-        cfg = torch.load(ckpt, map_location="cpu", weights_only=True)["config"]
+        ckpts = sorted(folder.glob(f"runs/{name}/*/ckpt-*.pt"))
+        if not ckpts:
+            continue
+        ckpt = ckpts[-1]
+        cfg = checkpoint.load(ckpt)["config"]
         m = json.loads(report.read_text())["metrics"]
         out.append(
             {
@@ -176,11 +180,12 @@ def main() -> None:
         run = read_run(folder, args.minutes) if arm in per_arm else None
         if run is not None:
             per_arm[arm][seed] = run
-    fmt = {"confidence": args.confidence, "fd_real_floor": float("nan"), "ms_ssim_real": float("nan")}
+    fmt = {"confidence": args.confidence, "fd_real_floor": "not measured", "ms_ssim_real": "not measured"}
     for arm in ARMS:
         for run in per_arm[arm].values():
-            fmt["fd_real_floor"] = run.get("fd_real_floor", fmt["fd_real_floor"])
-            fmt["ms_ssim_real"] = run.get("ms_ssim_real", fmt["ms_ssim_real"])
+            for k in ("fd_real_floor", "ms_ssim_real"):
+                if isinstance(run.get(k), (int, float)):
+                    fmt[k] = f"{run[k]:.2f}"
     table = {arm: {key: summarize(list(per_arm[arm].values()), key, sk) for _, key, _, sk in ROWS} for arm in ARMS}
 
     seeds = {arm: sorted(per_arm[arm]) for arm in ARMS}
@@ -213,7 +218,7 @@ def main() -> None:
         }
         if screens:
             results["screens"] = screens
-        after = sorted(args.work.glob("after-s*/runs/*/ckpt-*.pt"))
+        after = sorted(args.work.glob("after-s*/runs/*/ckpt-*.pt"))  # one run folder per seed
         if args.cues and after:
             results["cues"] = read_cues(args.cues, after[-1])
             print("\nlow-level cues (real vs synthetic):", json.dumps(results["cues"]))

@@ -23,6 +23,7 @@ SEEDS=${SEEDS:-"0"}
 BASELINE_REV=${BASELINE_REV:-d2a1d5e}
 CONFIDENCE=${CONFIDENCE:-0.9}
 N_PER_CLASS=${N_PER_CLASS:-200}
+read -r -a EVAL_ARGS <<< "${EVAL_ARGS:-}"
 [ -n "${MEDGAN_SKIP_SETUP:-}" ] || bash "$REPO/pipelines/setup.sh"
 PY=${PY:-"$REPO/.venv/bin/python"}
 mkdir -p "$WORK" && cd "$WORK"
@@ -41,26 +42,33 @@ medgan() { "$PY" -m medgan "$@"; }
 
 run() {  # ARM SEED: one training run, its evaluation, and the filtered export's evaluation
   local arm=$1 seed=$2 out="$WORK/quality/$1-s$2"
-  if ! ls "$out"/runs/*/ckpt-*.pt > /dev/null 2>&1 || [ ! -f "$out/trained" ]; then
+  if [ ! -f "$out/checkpoint" ]; then
+    rm -rf "$out/runs"  # an interrupted run starts over: its budget is wall-clock time
     medgan train --data "$DATASET" --out "$out/runs" --config "$WORK/quality/$arm.yaml" \
       --set train.total_kimg=10000 --set "train.max_minutes=$MINUTES" --set "train.seed=$seed" \
       --set train.progress=false --set "track.experiment=medgan-quality-brain_mri" --set track.register=false
-    touch "$out/trained"
+    ls "$out"/runs/*/ckpt-*.pt | sort | tail -n 1 > "$out/checkpoint"  # one run folder: its last checkpoint
   fi
   local ckpt
-  ckpt=$(ls "$out"/runs/*/ckpt-*.pt | sort | tail -n 1)
-  [ -f "$out/eval/metrics.json" ] || medgan evaluate --model "$ckpt" --data "$DATASET" --out "$out/eval" --n-per-class "$N_PER_CLASS" ${EVAL_ARGS:-}
+  ckpt=$(cat "$out/checkpoint")
+  [ -f "$out/eval/metrics.json" ] || medgan evaluate --model "$ckpt" --data "$DATASET" --out "$out/eval" \
+    --n-per-class "$N_PER_CLASS" "${EVAL_ARGS[@]}"
   [ -f "$out/filtered/dataset.json" ] || medgan export --model "$ckpt" --out "$out/filtered" --format npy \
-    --n-per-class "$N_PER_CLASS" --min-class-confidence "$CONFIDENCE" --data "$DATASET" --set export.max_draws_per_class=20000
+    --n-per-class "$N_PER_CLASS" --min-class-confidence "$CONFIDENCE" --data "$DATASET" \
+    --set export.max_draws_per_class=20000
   [ -f "$out/eval-filtered/metrics.json" ] ||
-    medgan evaluate --model "$out/filtered" --data "$DATASET" --out "$out/eval-filtered" ${EVAL_ARGS:-}
+    medgan evaluate --model "$out/filtered" --data "$DATASET" --out "$out/eval-filtered" "${EVAL_ARGS[@]}"
 }
 
+# The two arms of a seed side by side; stopping the script stops both.
+trap 'kill $(jobs -p) 2> /dev/null || true' EXIT
 for seed in $SEEDS; do
-  # The two arms of a seed side by side; the second starts 30 s later so the first creates the MLflow store alone.
   run before "$seed" & a=$!
-  (sleep 30; run after "$seed") & b=$!
-  wait "$a"; wait "$b"
+  run after "$seed" & b=$!
+  rc=0
+  wait "$a" || rc=1
+  wait "$b" || rc=1
+  [ "$rc" = 0 ] || { echo "quality: a run of seed $seed failed (see above)"; exit 1; }
 done
 "$PY" "$REPO/benchmarks/quality.py" --work "$WORK/quality" --minutes "$MINUTES" --baseline-rev "$BASELINE_REV" \
   --confidence "$CONFIDENCE" --cues "$DATASET" ${SCREENS:+--screens "$SCREENS"} \

@@ -150,27 +150,41 @@ def connect(uri: str) -> MlflowClient:
 
 
 def new_client(uri: str) -> MlflowClient:
-    """An MlflowClient on `uri`. On a sqlite store its creation (which creates or migrates the schema) holds a lock
-    beside the database: two processes starting on a new ``mlflow.db`` at once would both migrate it, and the second
-    would fail ("Online migration expected to match one row", "duplicate column name")."""
+    """An MlflowClient on `uri`, created under a lock beside a sqlite store.
+
+    Creating the client creates or migrates a sqlite store's schema; two processes starting on a new ``mlflow.db`` at
+    once would both migrate it and the second would fail ("Online migration expected to match one row", "duplicate
+    column name"). The lock is ``<db>.lock`` beside the database; a store whose folder is read-only goes without it
+    (nothing is migrated there).
+
+    Args:
+        uri: an absolute tracking URI (`resolve_uri`).
+
+    Returns:
+        The client, with the registry on the same URI.
+    """
     with _sqlite_init_lock(uri):
         return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
 @contextlib.contextmanager
 def _sqlite_init_lock(uri: str):
-    """An exclusive lock on ``<db>.lock`` beside a sqlite store; nothing elsewhere."""
     if not uri.startswith("sqlite:///") or fcntl is None:
         yield
         return
     path = Path(uri[len("sqlite:///") :])
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.with_name(path.name + ".lock"), "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        lock = open(path.with_name(path.name + ".lock"), "a")  # noqa: SIM115  # closed below
+    except OSError:
+        yield
+        return
+    with lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
         try:
             yield
         finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def artifact_root(uri: str, experiment: str) -> str | None:

@@ -162,6 +162,7 @@ def train(
     bar = tqdm(total=total, initial=min(images_seen, total), unit="img", disable=not (env.is_main and t.progress))
     tick_time, tick_images = time.perf_counter(), images_seen
     deadline = tick_time + t.max_minutes * 60 if t.max_minutes > 0 else None
+    out_of_time = False
 
     def snapshot() -> Path:
         state = {
@@ -175,7 +176,7 @@ def train(
         return checkpoint.save(run_dir / checkpoint.checkpoint_name(images_seen), state)
 
     try:
-        while images_seen < total:
+        while images_seen < total and not out_of_time:
             log_now = images_seen + t.d_steps * t.batch_size >= min(next_log, total)
 
             # D steps: real and fake.detach() concatenated in ONE D pass; G's forward is kept for the G step.
@@ -232,12 +233,14 @@ def train(
                 for be, bg in zip(G_ema.buffers(), G.buffers(), strict=True):
                     be.copy_(bg)
             bar.update(min(images_seen, total) - bar.n)
-            if deadline is not None and log_now:
-                # The wall-clock budget, checked at log points and agreed by every rank: the run ends here, saved.
+            if deadline is not None and log_now and not out_of_time:
+                # The wall-clock budget, checked at log points (so it may run over by one log interval) and agreed by
+                # every rank: the run ends here, logged, sampled, saved and registered as at total_kimg.
                 late = torch.tensor(float(time.perf_counter() > deadline), device=device)
-                if float(dist.all_reduce_mean(env, late)) > 0:
-                    total = images_seen
-            done = images_seen >= total
+                out_of_time = float(dist.all_reduce_mean(env, late)) > 0
+                if out_of_time:
+                    tracker.set_tags({"medgan.stopped_by": f"train.max_minutes={t.max_minutes:g}"})
+            done = images_seen >= total or out_of_time
 
             # Health watch at log intervals: the only place training metrics reach the host.
             if images_seen >= next_log or done:

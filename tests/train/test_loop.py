@@ -68,9 +68,10 @@ def test_every_train_preset_resolves_and_the_gpu_recipe_steps_on_cpu(halves, tmp
 
 def test_a_wall_clock_budget_ends_the_run_saved_and_registered(halves, tmp_path, tracker):
     # train.max_minutes ends training at the first log point past the budget: checkpoint, samples and registration
-    # happen as at total_kimg, and the checkpoint records where it stopped.
-    cfg = tiny_config(total_kimg=100.0, max_minutes=1e-4)  # 6 ms: the first log interval is past it
+    # happen as at total_kimg, the checkpoint records where it stopped, and the run says why it is short.
+    cfg = tiny_config(total_kimg=1.0, max_minutes=1e-4)  # 6 ms: the first log point (32 images) is past it
     result = train(cfg, halves, out_dir=tmp_path, resume=None, preset="test", tracker=tracker)
-    assert 0 < result.images_seen < 100_000 and result.images_seen % cfg.train.batch_size == 0
-    assert result.checkpoint.name == f"ckpt-{result.images_seen:09d}.pt"
-    assert tracker.finished == "FINISHED" and tracker.registered == result.images_seen
+    assert result.images_seen == 32 and result.checkpoint.name == "ckpt-000000032.pt"
+    assert tracker.finished == "FINISHED" and tracker.registered == 32
+    assert tracker.tags["medgan.stopped_by"] == "train.max_minutes=0.0001"
+    assert any(name.startswith("samples/") and step == 32 for name, step, _ in tracker.images)
