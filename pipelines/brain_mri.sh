@@ -2,7 +2,7 @@
 # The 4-class brain MRI set (../shared/data/labelled_2d/brain_tumor_mri/Training, 5,708 JPEG slices in class folders:
 # glioma, meningioma, notumor, pituitary) through ingest -> train -> evaluate -> export.
 # Cost: ingest ~20 s; training with configs/train/gpu.yaml is not yet timed on a GPU (none was available); on CPU the
-# recipe (configs/train/cpu_brain.yaml: narrower nets, batch 8) trains for 45 minutes; evaluate ~2 min on CPU once the
+# recipe (configs/train/cpu_brain.yaml: narrower nets) trains for 45 minutes; evaluate ~2 min on CPU once the
 # domain network is cached (~5 min to train it the first time).
 set -euo pipefail
 REPO=$(cd "$(dirname "$0")/.." && pwd)

@@ -3,24 +3,28 @@
 # the same wall-clock budget on the same data, both trained and evaluated by this checkout's code.
 #   data     the brain MRI Training set, ingested with configs/ingest/brain_mri_2d.yaml (4,586 train images)
 #   before   configs/train/cpu_brain.yaml as it was at BASELINE_REV (the networks' code is the same)
-#   after    this checkout's code and configs/train/cpu_brain.yaml
+#   after    configs/train/cpu_brain.yaml of this checkout, or as it was at AFTER_REV (9819ce8: the batch-8 candidate
+#            that docs/results.md reports)
 #   budget   MINUTES of training per run (train.max_minutes): the two arms of a seed run side by side, one thread
 #            each, so they share the machine equally (two one-thread runs do ~1.3x the images of one two-thread run)
 #   eval     `medgan evaluate` on each final generator (eval defaults: 200 images per class, 3 classifier seeds), and
 #            again on a `medgan export --min-class-confidence P` of it (TSTR with and without the filter)
 # benchmarks/quality.py then writes benchmarks/results/quality-cpu.json and the table in docs/results.md reads it.
 #
-# Usage: pipelines/quality.sh
-#   env: MINUTES (45), SEEDS ("0"), BASELINE_REV (d2a1d5e), CONFIDENCE (0.9), N_PER_CLASS (200), BRAIN_MRI_DIR, MEDGAN_WORKDIR (the repo),
-#        DATASET (an ingested dataset instead of the brain MRI set), EVAL_ARGS (extra `medgan evaluate` options),
+# Usage: pipelines/quality.sh            (docs/results.md: AFTER_REV=9819ce8 bash pipelines/quality.sh)
+#   env: MINUTES (45), SEEDS ("0"), BASELINE_REV (d2a1d5e), AFTER_REV (""), CONFIDENCE (0.9), N_PER_CLASS (200),
+#        BRAIN_MRI_DIR, MEDGAN_WORKDIR (the repo), DATASET (an ingested dataset instead of the brain MRI set),
+#        EVAL_ARGS (extra `medgan evaluate` options),
 #        SCREENS (a folder of short screening runs, runs/<name>/ and reports/<name>/, recorded beside the comparison)
-# Cost on a 2-core CPU machine: MINUTES per seed for the training, then ~10 min of evaluation per seed.
+# Cost on a 2-core CPU machine: MINUTES per seed for the training, then ~25 min of evaluation per seed (measured while
+# the test suite shared the machine).
 set -euo pipefail
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 WORK=${MEDGAN_WORKDIR:-$REPO}
 MINUTES=${MINUTES:-45}
 SEEDS=${SEEDS:-"0"}
 BASELINE_REV=${BASELINE_REV:-d2a1d5e}
+AFTER_REV=${AFTER_REV:-}
 CONFIDENCE=${CONFIDENCE:-0.9}
 N_PER_CLASS=${N_PER_CLASS:-200}
 read -r -a EVAL_ARGS <<< "${EVAL_ARGS:-}"
@@ -37,7 +41,11 @@ DATASET=${DATASET:-"$WORK/datasets/brain_mri"}
 
 mkdir -p "$WORK/quality"
 git -C "$REPO" show "$BASELINE_REV:configs/train/cpu_brain.yaml" > "$WORK/quality/before.yaml"
-cp "$REPO/configs/train/cpu_brain.yaml" "$WORK/quality/after.yaml"
+if [ -n "$AFTER_REV" ]; then
+  git -C "$REPO" show "$AFTER_REV:configs/train/cpu_brain.yaml" > "$WORK/quality/after.yaml"
+else
+  cp "$REPO/configs/train/cpu_brain.yaml" "$WORK/quality/after.yaml"
+fi
 medgan() { "$PY" -m medgan "$@"; }
 
 run() {  # ARM SEED: one training run, its evaluation, and the filtered export's evaluation
