@@ -64,6 +64,11 @@ def read_run(folder: Path, minutes: float) -> dict | None:
     images = int(re.search(r"ckpt-(\d+)", ckpts[-1].name).group(1)) if ckpts else 0
     m["kimg"] = images / 1000
     m["img_per_s"] = images / (minutes * 60)
+    export = folder / "filtered" / "dataset.json"
+    if export.is_file():
+        flt = json.loads(export.read_text())["export"].get("class_confidence_filter") or {}
+        for c, v in flt.get("per_class", {}).items():
+            m[f"filtered.acceptance.{c}"] = v["acceptance_rate"]
     filt = folder / "eval-filtered" / "metrics.json"
     if filt.is_file():
         f = json.loads(filt.read_text())["metrics"]
