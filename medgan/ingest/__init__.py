@@ -14,6 +14,7 @@ import functools
 import os
 import shutil
 import time
+import zlib
 from collections import Counter, defaultdict
 from contextlib import ExitStack
 from dataclasses import dataclass, field
@@ -25,9 +26,10 @@ import numpy as np
 from medgan import __version__
 from medgan.config import Config, to_dict
 from medgan.dataset import SliceWriter
-from medgan.ingest.manifest import Source, discover_folder, read_manifest
+from medgan.ingest.manifest import Source, discover_folder, expand_folders, read_manifest
 from medgan.ingest.pool import Workers, execute, largest_first
 from medgan.ingest.privacy import Pseudonymizer, Redactor, assign_splits, group_near_duplicates, key_id, load_key
+from medgan.ingest.store import check_out
 from medgan.ingest.worker import Task, part_id, reusable
 from medgan.io import read_json
 
@@ -118,7 +120,8 @@ class _Assembly:
         self.results: dict[int, dict | None] = {}
         self.next = 0
         self.writer: SliceWriter | None = None
-        self.report: dict[int, dict[str, Any]] = {}
+        self.report: dict[tuple[int, str], dict[str, Any]] = {}  # (manifest row, source path) -> report row
+        self.pieces: dict[str, tuple[int, str]] = {}  # volume -> the source it came from first
         self.hashed: set[str] = set()  # keyed hashes of the identifiers the workers found (`privacy.Redactor`)
         self.slices: list[dict] = []
         self.normalizations: set[str] = set()
@@ -134,19 +137,35 @@ class _Assembly:
         if res is not None and "failed" in res:
             for src in task.sources:
                 reason = self.redact.text(res["failed"])
-                self.report[src.row] = self._row(src.row, self.redact.path(src.rel), "skipped", reason, 0)
+                self.report[src.row, src.rel] = self._row(src.row, self.redact.path(src.rel), "skipped", reason, 0)
             return
         path = task.parts_dir / f"{task.part_id}.npy"
         meta = read_json(path.with_suffix(".json"))
-        for r in meta["report"]:
-            self.report[r["row"]] = self._row(r["row"], r["source"], r["status"], r["reason"], r["n_slices"])
+        for src, r in zip(task.sources, meta["report"], strict=True):
+            self.report[src.row, src.rel] = self._row(r["row"], r["source"], r["status"], r["reason"], r["n_slices"])
             self.hashed.update(r["ids"])
+        keys = {s.row: (s.row, s.rel) for s in task.sources}  # a task's sources are distinct rows or one sub-folder
+        for s in meta["slices"]:
+            self._check_piece(s, keys[s["row"]])
         self.slices.extend(meta["slices"])
         self.normalizations.update(meta["normalization"])
         if meta["slices"]:
             if self.writer is None:
                 self.writer = self.stack.enter_context(SliceWriter(self.out))
             self.writer.add_file(path, bytes.fromhex(meta["digests"]))
+
+    def _check_piece(self, s: dict, key: tuple[int, str]) -> None:
+        """A series whose files lie in two sub-folders of one expanded row (`expand_folders`) is read as one volume
+        per folder: each later piece gets its own volume id and both report lines say so."""
+        first = self.pieces.setdefault(s["volume"], key)
+        if first == key or first[0] != key[0]:
+            return
+        s["volume"] = f"{s['volume']}.{zlib.crc32(key[1].encode()):08x}"
+        note = "a series continues in another sub-folder of this row; each folder's part was read as its own volume"
+        for k in (first, key):
+            rep = self.report[k]
+            if note not in rep["reason"]:
+                rep["reason"] = "; ".join(filter(None, [rep["reason"], note]))
 
     @staticmethod
     def _row(row: int, source: str, status: str, reason: str, n_slices: int) -> dict[str, Any]:
@@ -182,22 +201,6 @@ def _patient_keys(slices: list[dict], by_row: dict[int, Source], pseudonym: Pseu
             rep = slices[need_group[int(groups[j])]]
             keys[i] = pseudonym("image-group:" + by_row[rep["row"]].rel)
     return keys
-
-
-def _check_out(out: Path, overwrite: bool) -> None:
-    """Refuse to replace anything but a slice dataset, and that only with `overwrite`."""
-    if not out.exists() and not out.is_symlink():
-        return
-    if not overwrite:
-        raise FileExistsError(f"--out {out} already exists; pass --overwrite to replace the dataset, or a new path")
-    meta = out / "dataset.json"
-    try:
-        is_dataset = out.is_dir() and not out.is_symlink() and read_json(meta).get("schema", "").startswith("medgan.")
-    except (OSError, ValueError, AttributeError):
-        is_dataset = False
-    if not is_dataset:
-        raise ValueError(f"--out {out} exists and is not a medgan dataset (no dataset.json with a medgan schema); "
-                         "--overwrite only replaces a dataset: pick a new path")  # fmt: skip
 
 
 def run_ingest(
@@ -242,7 +245,7 @@ def run_ingest(
     out = Path(out)
     if (manifest is None) == (folder is None):
         raise ValueError("run_ingest needs exactly one of manifest= (a CSV) or folder= (class sub-folders)")
-    _check_out(out, overwrite)
+    check_out(out, overwrite)
     key = load_key(key_file, dataset=out)
     pseudonym = Pseudonymizer(key)
     if manifest is not None:
@@ -270,7 +273,7 @@ def run_ingest(
     redact = Redactor(pseudonym, [s.patient for s in sources if s.patient])
     with ExitStack() as stack:
         pool = stack.enter_context(Workers(workers))
-        tasks = _plan(sources, ic, key, root, parts_dir)
+        tasks = _plan(expand_folders(sources), ic, key, root, parts_dir)
         done_before = {t.part_id for t in tasks if reusable(parts_dir, t.part_id)}
         todo = [t for t in tasks if t.part_id not in done_before]
         # Parts stream into the dataset in manifest-row order as they finish; slices in volume order.
@@ -281,15 +284,15 @@ def run_ingest(
         execute(todo, pool, progress, asm.ready)
         pool.release()
         for s in skips:
-            asm.report[s.row] = asm._row(s.row, s.rel, "skipped", s.reason, 0)
+            asm.report[s.row, s.rel] = asm._row(s.row, s.rel, "skipped", s.reason, 0)
         skipped_rows = {s.row for s in skips}  # reasons no worker redacted
         # Every row's path redacted with the identifiers found in any source (a folder named by a PatientID that only
         # another row's files carry); a reason, already redacted by its worker, names the path the same way.
         redact = Redactor(pseudonym, [s.patient for s in sources if s.patient], asm.hashed)
-        rel = {s.row: s.rel for s in [*sources, *skips]}
-        report_rows = [asm.report[k] for k in sorted(asm.report)]
-        for r in report_rows:
-            shown, final = r["source"], redact.path(rel[r["manifest_row"]])
+        report_rows = []
+        for (_, rel), r in sorted(asm.report.items()):
+            report_rows.append(r)
+            shown, final = r["source"], redact.path(rel)
             reason = r["reason"].replace(shown, final) if shown else r["reason"]
             if shown and "/" in shown:
                 reason = reason.replace(shown.rsplit("/", 1)[1], final.rsplit("/", 1)[1])

@@ -125,6 +125,12 @@ def regular_file_problem(path: Path, root: Path | None = None) -> str | None:
     return None
 
 
+def candidate_name(name: str) -> bool:
+    """Whether a file of this name is read as a possible DICOM file: not hidden, not DICOMDIR, not an obvious other
+    format (``.md``, ``.nii.gz``, ``.png``...)."""
+    return not (name.startswith(".") or name.upper() == "DICOMDIR" or name.lower().endswith(_IGNORED_SUFFIXES))
+
+
 def dicom_files(source: Path, root: Path | None = None) -> tuple[list[Path], list[Skip]]:
     """The candidate DICOM files under a folder (recursive, sorted) or the single file `source`, and the entries left
     out with a reason (`regular_file_problem`). Symlinked sub-folders are not followed. DICOMDIR, hidden files and
@@ -146,7 +152,7 @@ def dicom_files(source: Path, root: Path | None = None) -> tuple[list[Path], lis
             skips.append(Skip(Path(folder) / d, "symlinked folder: not followed"))
         dirs[:] = [d for d in dirs if not d.startswith(".") and not os.path.islink(os.path.join(folder, d))]
         for name in sorted(names):
-            if name.startswith(".") or name.upper() == "DICOMDIR" or name.lower().endswith(_IGNORED_SUFFIXES):
+            if not candidate_name(name):
                 continue
             path = Path(folder) / name
             problem = regular_file_problem(path, root)

@@ -4,6 +4,7 @@ from a folder of class sub-folders. Bad rows become skips with a one-line reason
 from __future__ import annotations
 
 import csv
+import dataclasses
 import hashlib
 import io
 import os
@@ -287,3 +288,40 @@ def discover_folder(folder: Path, cfg: IngestConfig) -> tuple[list[Source], list
                 sources.append(Source(row=row, rel=rel, path=path, kind=kind, label=name))
     listing = "\n".join(f"{s.row},{s.rel},{s.label}" for s in sources).encode()
     return sources, skips, hashlib.sha256(listing).hexdigest()
+
+
+def _branches(folder: Path) -> list[Path]:
+    """The sub-folders where a folder that holds only folders first branches (a chain of single sub-folders is
+    followed down), or [] when it holds a candidate DICOM file or a symlink, or does not branch."""
+    from medgan.ingest.headers import candidate_name
+
+    while True:
+        try:
+            entries = [e for e in os.scandir(folder) if not e.name.startswith(".")]
+        except OSError:
+            return []
+        if any(e.is_symlink() or (not e.is_dir() and candidate_name(e.name)) for e in entries):
+            return []
+        subdirs = sorted(Path(e.path) for e in entries if e.is_dir())
+        if len(subdirs) != 1:
+            break
+        folder = subdirs[0]
+    subdirs = [d for d in subdirs if _has_files(d)]
+    return subdirs if len(subdirs) > 1 else []
+
+
+def expand_folders(sources: list[Source]) -> list[Source]:
+    """Each DICOM folder source that holds only sub-folders (an archive of patients, a study of series) becomes one
+    source per sub-folder, with the same row, label, patient and split: one big manifest row is spread over the
+    workers like many rows, and its report lines name the sub-folder. A source with a mask stays whole (the mask fits
+    the whole source). A series whose files lie in two sibling sub-folders is read as one piece per folder."""
+    out: list[Source] = []
+    for s in sources:
+        subs = _branches(s.path) if s.kind == "dicom" and s.mask is None and s.path.is_dir() else []
+        if not subs:
+            out.append(s)
+            continue
+        for d in subs:
+            rel = (Path(s.rel) / d.relative_to(s.path)).as_posix()
+            out.append(dataclasses.replace(s, rel=rel, path=d))
+    return out

@@ -355,3 +355,48 @@ def test_a_source_that_kills_its_worker_fails_alone_and_the_rest_lands(nifti_roo
     rep = run_ingest(_cfg("ingest.workers=2"), tmp_path / "ds", manifest=manifest, key_file=tmp_path / "k")
     assert [r["status"] for r in rep.report] == ["ok", "skipped", "ok"]
     assert rep.report[1]["reason"].startswith("worker failed: the worker reading it died")
+
+
+def test_a_row_naming_a_folder_of_series_folders_is_read_per_folder(shared_data, tmp_path):
+    """One manifest row for the four decubitus positions (a folder of series folders) is read as one work item per
+    sub-folder: the same slices as four rows, and one report line per folder under the row's number."""
+    base = require(shared_data / "dicom/mr_decubitus_t1_4positions")
+    positions = sorted(p.name for p in base.iterdir() if p.is_dir())
+    one = _write_manifest(tmp_path / "one.csv", [{"source": base.name, "label": "brain"}])
+    four = _write_manifest(tmp_path / "four.csv", [{"source": f"{base.name}/{p}", "label": "brain"} for p in positions])
+    key = tmp_path / "k.key"
+    rep = run_ingest(_cfg(), tmp_path / "one", manifest=one, root=base.parent, key_file=key, progress=False)
+    ref = run_ingest(_cfg(), tmp_path / "four", manifest=four, root=base.parent, key_file=key, progress=False)
+    assert rep.n_items == 4 and [r["manifest_row"] for r in rep.report] == [1, 1, 1, 1], rep.summary()
+    assert [r["status"] for r in rep.report] == ["ok"] * 4
+    assert [r["source"] for r in rep.report] == [r["source"] for r in ref.report]
+    assert [r["n_slices"] for r in rep.report] == [r["n_slices"] for r in ref.report]
+    a, b = SliceDataset.open(tmp_path / "one"), SliceDataset.open(tmp_path / "four")
+    np.testing.assert_array_equal(a.images, b.images)
+    for col in ("volume", "patient", "split", "slice_index"):
+        assert list(a.column(col)) == list(b.column(col)), col
+    assert len(set(a.column("volume"))) == 4
+
+
+def test_a_series_split_over_two_sibling_folders_is_read_as_two_pieces_and_says_so(tmp_path):
+    """A series whose files lie in two sub-folders of one row: each folder's files become their own volume (distinct
+    volume ids), and both report lines say the series continues in another sub-folder."""
+    from tests.ingest.test_dicom import AXIAL, write_series
+
+    staging, _ = write_series(tmp_path / "staging", AXIAL)
+    files = sorted(staging.iterdir())
+    assert len(files) == 4
+    root = tmp_path / "root"
+    for i, f in enumerate(files):
+        (root / "archive" / ("a" if i < 2 else "b")).mkdir(parents=True, exist_ok=True)
+        shutil.copy(f, root / "archive" / ("a" if i < 2 else "b") / f.name)
+    manifest = _write_manifest(tmp_path / "m.csv", [{"source": "archive", "label": "ct"}])
+    cfg = _cfg("ingest.min_series_slices=2", "ingest.min_foreground_fraction=0")
+    rep = run_ingest(cfg, tmp_path / "ds", manifest=manifest, root=root, key_file=tmp_path / "k", progress=False)
+    assert [(r["manifest_row"], r["source"], r["status"]) for r in rep.report] == [
+        (1, "archive/a", "ok"),
+        (1, "archive/b", "ok"),
+    ], rep.summary()
+    assert all("continues in another sub-folder" in r["reason"] for r in rep.report)
+    ds = SliceDataset.open(tmp_path / "ds")
+    assert len(ds) == 4 and len(set(ds.column("volume"))) == 2 and len(set(ds.column("patient"))) == 1
