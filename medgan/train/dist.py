@@ -111,8 +111,8 @@ def all_reduce_grads(env: Env, params: list[torch.nn.Parameter]) -> None:
     flat = torch.cat([g.flatten() for g in grads])
     tdist.all_reduce(flat)
     flat /= env.world_size
-    for g, f in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads), strict=True):
-        g.copy_(f)
+    for g, f in zip(grads, flat.split([g.numel() for g in grads]), strict=True):
+        g.copy_(f.view_as(g))
 
 
 def all_reduce_mean(env: Env, t: torch.Tensor) -> torch.Tensor:

@@ -229,11 +229,12 @@ def train(
                 ema_images = min(ema_images, images_seen * t.ema_rampup)
             beta = 0.5 ** (t.batch_size * t.d_steps / max(ema_images, 1e-8))
             with torch.no_grad():
-                torch._foreach_lerp_(list(G_ema.parameters()), g_params, 1.0 - beta)
+                for pe, pg in zip(G_ema.parameters(), g_params, strict=True):
+                    pe.lerp_(pg, 1.0 - beta)
                 for be, bg in zip(G_ema.buffers(), G.buffers(), strict=True):
                     be.copy_(bg)
             bar.update(min(images_seen, total) - bar.n)
-            if deadline is not None and log_now and not out_of_time:
+            if deadline is not None and log_now:
                 # The wall-clock budget, checked at log points (so it may run over by one log interval) and agreed by
                 # every rank: the run ends here, logged, sampled, saved and registered as at total_kimg.
                 late = torch.tensor(float(time.perf_counter() > deadline), device=device)
@@ -325,7 +326,7 @@ def train(
 
 
 def _grad_norm(params: list[torch.nn.Parameter]) -> torch.Tensor:
-    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm([p.grad for p in params if p.grad is not None])))
+    return torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
 
 
 def _raise_alarms(mon: Monitor, n_before: int, tracker, bar: tqdm, env: dist.Env) -> None:
