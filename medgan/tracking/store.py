@@ -29,6 +29,11 @@ HEALTH_TIMEOUT_S = 3.0  # one /health request
 HEALTH_WAIT_S = 3.0  # an unreachable server fails a command this fast
 
 
+def sqlite_path(uri: str) -> Path | None:
+    """The database file of a ``sqlite:///`` URI (as written: relative or absolute), or None for another store."""
+    return Path(uri[len("sqlite:///") :]) if uri.startswith("sqlite:///") else None
+
+
 def resolve_uri(uri: str | None, cwd: Path | None = None) -> str:
     """One absolute tracking URI: `uri` made absolute, or ``sqlite:///<cwd>/mlflow.db`` when empty.
 
@@ -48,8 +53,8 @@ def resolve_uri(uri: str | None, cwd: Path | None = None) -> str:
     uri = (uri or "").strip()
     if not uri:
         return f"sqlite:///{base / 'mlflow.db'}"
-    if uri.startswith("sqlite:///"):
-        path = Path(uri[len("sqlite:///") :])
+    path = sqlite_path(uri)
+    if path is not None:
         return f"sqlite:///{path if path.is_absolute() else (base / path).resolve()}"
     if uri.startswith("file:"):
         path = Path(urllib.parse.urlparse(uri).path)
@@ -169,10 +174,10 @@ def new_client(uri: str) -> MlflowClient:
 
 @contextlib.contextmanager
 def _sqlite_init_lock(uri: str):
-    if not uri.startswith("sqlite:///") or fcntl is None:
+    path = sqlite_path(uri)
+    if path is None or fcntl is None:
         yield
         return
-    path = Path(uri[len("sqlite:///") :])
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         lock = open(path.with_name(path.name + ".lock"), "a")  # noqa: SIM115  # closed below
@@ -189,9 +194,8 @@ def _sqlite_init_lock(uri: str):
 
 def artifact_root(uri: str, experiment: str) -> str | None:
     """Artifact location of a new experiment: ``mlartifacts/<experiment>`` beside a SQLite file, else the server's."""
-    if uri.startswith("sqlite:///"):
-        return (Path(uri[len("sqlite:///") :]).parent / "mlartifacts" / re.sub(r"[^\w.-]", "_", experiment)).as_uri()
-    return None
+    path = sqlite_path(uri)
+    return None if path is None else (path.parent / "mlartifacts" / re.sub(r"[^\w.-]", "_", experiment)).as_uri()
 
 
 def experiment_id(client: MlflowClient, name: str, uri: str) -> str:
