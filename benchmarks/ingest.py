@@ -9,7 +9,8 @@ use of every buffer), the median of the others as the headline ``slices_per_s`` 
 warm). medgan's process also times a reference right after each run (the bare stdlib gunzip of a ``.nii.gz``, the
 floor under its reader; pydicom's bare ``dcmread`` header parse of a DICOM folder), so the fraction of that reference
 is measured on one machine state even on a noisy VM. Also: the bare gzip decode rate, pydicom's bare header-parse
-rate, normalize + resize alone (ms/slice), and `run_ingest` with 1 vs 2 workers on 12 volumes (one manifest row each).
+rate, normalize + resize alone (ms/slice), and `run_ingest` with 1 vs 2 workers on 12 volumes (one manifest row each)
+and on one row naming a folder of 6 DICOM series folders.
 Results are merged into ``benchmarks/results/cpu.json`` under ``"ingest"`` (other keys are kept).
 
 Usage:
@@ -286,6 +287,18 @@ def workers_scaling(nii: Path, tmp: Path, copies: int, rounds: int = 3) -> dict:
     return out
 
 
+def archive_scaling(tmp: Path, n_series: int, n_slices: int, rounds: int = 3) -> dict:
+    """One manifest row naming a folder of `n_series` DICOM series folders (an archive export): ingest reads it as
+    one work item per sub-folder, so 2 workers share one big row as they share many rows."""
+    archive = tmp / "archive"
+    for i in range(n_series):
+        if not (archive / f"series{i:02d}").is_dir():
+            write_dicom_series(archive / f"series{i:02d}", n_slices)  # new UIDs each: distinct series
+    manifest = tmp / "archive.csv"
+    manifest.write_text("source,label,modality\narchive,ct,CT\n")
+    return {"series": n_series, "slices_per_series": n_slices, "rounds": rounds, **_one_vs_two(manifest, tmp, rounds)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="small sizes (a functional check, not a measurement)")
@@ -345,6 +358,8 @@ def main() -> None:
         print(f"normalize + antialiased resize: {results['normalize_resize_ms_per_slice']} ms/slice/core")
         results["workers"] = workers_scaling(inputs["nifti_gz"][1], tmp, copies)
         print(f"run_ingest workers: {results['workers']}")
+        results["workers_one_archive_row"] = archive_scaling(tmp, *((2, 8) if args.quick else (6, 40)))
+        print(f"run_ingest workers, one row of series folders: {results['workers_one_archive_row']}")
 
     data = json.loads(out_path.read_text()) if out_path.is_file() else {}
     data["ingest"] = results
