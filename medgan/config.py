@@ -45,6 +45,9 @@ class IngestConfig:
     classes: list[str] = field(default_factory=list)  # allowed class names (index = label); empty = sorted names found
     image_normalization: str = "minmax"  # 2-D PNG/JPEG intensities: minmax | percentile (uses mr_percentiles)
     images_per_part: int = 256  # 2-D images processed (and resumed) together as one work item
+    # A DICOM folder row that holds only sub-folders is read as one work item per sub-folder (spread over the workers);
+    # false reads such a row whole (a series whose files are split over sibling folders becomes one volume).
+    split_folder_rows: bool = True
     # The largest volume (decoded, as float32) a header may declare; a source declaring more is skipped unread, so a
     # tiny hostile file cannot make ingest allocate gigabytes. Each worker holds about one volume at a time.
     max_volume_mb: float = 4096.0

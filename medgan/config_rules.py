@@ -66,7 +66,6 @@ RULES: dict[str, Rule] = {
     "ingest.workers": _at_least(0),
     "ingest.image_normalization": _one_of("minmax", "percentile"),
     "ingest.images_per_part": _at_least(1),
-    "ingest.dicom_scan_files": _at_least(1),
     "model.z_dim": _at_least(1),
     "model.width": _at_least(1),
     "model.g_max_channels": _at_least(1),

@@ -161,7 +161,10 @@ class _Assembly:
         if first == key or first[0] != key[0]:
             return
         s["volume"] = f"{s['volume']}.{zlib.crc32(key[1].encode()):08x}"
-        note = "a series continues in another sub-folder of this row; each folder's part was read as its own volume"
+        note = (
+            "a series continues in another sub-folder of this row: each folder's part was read as its own "
+            "volume (ingest.split_folder_rows=false reads the row whole)"
+        )
         for k in (first, key):
             rep = self.report[k]
             if note not in rep["reason"]:
@@ -273,7 +276,7 @@ def run_ingest(
     redact = Redactor(pseudonym, [s.patient for s in sources if s.patient])
     with ExitStack() as stack:
         pool = stack.enter_context(Workers(workers))
-        tasks = _plan(expand_folders(sources), ic, key, root, parts_dir)
+        tasks = _plan(expand_folders(sources) if ic.split_folder_rows else sources, ic, key, root, parts_dir)
         done_before = {t.part_id for t in tasks if reusable(parts_dir, t.part_id)}
         todo = [t for t in tasks if t.part_id not in done_before]
         # Parts stream into the dataset in manifest-row order as they finish; slices in volume order.

@@ -34,7 +34,7 @@ from medgan.io import atomic_write_json, atomic_write_npy, read_json
 # 5: report rows name their source (redacted); 4: series parts; 3: per-slice digests; 2: .npy + .json; 1: .npz
 PART_VERSION = 5
 # Config fields that change what a part holds; workers/splits/seed only affect scheduling and assembly.
-_ASSEMBLY_ONLY = ("workers", "split_fractions", "seed", "images_per_part", "dedup_max_distance")
+_ASSEMBLY_ONLY = ("workers", "split_fractions", "seed", "images_per_part", "dedup_max_distance", "split_folder_rows")
 
 
 @dataclass

@@ -380,7 +380,8 @@ def test_a_row_naming_a_folder_of_series_folders_is_read_per_folder(shared_data,
 
 def test_a_series_split_over_two_sibling_folders_is_read_as_two_pieces_and_says_so(tmp_path):
     """A series whose files lie in two sub-folders of one row: each folder's files become their own volume (distinct
-    volume ids), and both report lines say the series continues in another sub-folder."""
+    volume ids), and both report lines say the series continues in another sub-folder; ingest.split_folder_rows=false
+    reads the row whole."""
     from tests.ingest.test_dicom import AXIAL, write_series
 
     staging, _ = write_series(tmp_path / "staging", AXIAL)
@@ -400,3 +401,9 @@ def test_a_series_split_over_two_sibling_folders_is_read_as_two_pieces_and_says_
     assert all("continues in another sub-folder" in r["reason"] for r in rep.report)
     ds = SliceDataset.open(tmp_path / "ds")
     assert len(ds) == 4 and len(set(ds.column("volume"))) == 2 and len(set(ds.column("patient"))) == 1
+    # Read whole on request: one series, one volume, one report line.
+    cfg = _cfg("ingest.min_series_slices=2", "ingest.min_foreground_fraction=0", "ingest.split_folder_rows=false")
+    whole = run_ingest(cfg, tmp_path / "whole", manifest=manifest, root=root, key_file=tmp_path / "k", progress=False)
+    assert [(r["source"], r["status"], r["reason"]) for r in whole.report] == [("archive", "ok", "")], whole.summary()
+    ds = SliceDataset.open(tmp_path / "whole")
+    assert len(ds) == 4 and len(set(ds.column("volume"))) == 1
