@@ -11,13 +11,12 @@ patient and the tables are written. The dataset is renamed into place only when 
 from __future__ import annotations
 
 import functools
+import itertools
 import os
 import shutil
 import time
-import zlib
 from collections import Counter, defaultdict
 from contextlib import ExitStack
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -29,54 +28,12 @@ from medgan.dataset import SliceWriter
 from medgan.ingest.manifest import Source, discover_folder, expand_folders, read_manifest
 from medgan.ingest.pool import Workers, execute, largest_first
 from medgan.ingest.privacy import Pseudonymizer, Redactor, assign_splits, group_near_duplicates, key_id, load_key
+from medgan.ingest.report import IngestReport, merge_parts
 from medgan.ingest.store import check_out
 from medgan.ingest.worker import Task, part_id, reusable
 from medgan.io import read_json
 
 __all__ = ["IngestReport", "largest_first", "run_ingest"]
-
-
-@dataclass
-class IngestReport:
-    """What an ingest did: counts, skipped sources with reasons, where the dataset is."""
-
-    dataset_path: Path | None
-    n_slices: int
-    n_ok: int
-    n_skipped: int
-    report: list[dict[str, Any]]
-    counts: dict[str, dict[str, int]] = field(default_factory=dict)
-    classes: list[str] = field(default_factory=list)
-    content_hash: str = ""
-    seconds: float = 0.0
-    n_reused: int = 0
-    n_items: int = 0  # work items (a volume source or a batch of 2-D images)
-
-    def summary(self) -> str:
-        """A human-readable summary: counts per split and class, skipped sources with reasons, the output path."""
-        lines = [
-            f"ingest: {self.n_ok} sources ok, {self.n_skipped} skipped, {self.n_slices} slices "
-            f"in {self.seconds:.1f} s ({self.n_slices / max(self.seconds, 1e-9):.0f} slices/s)"
-            + (f"; {self.n_reused} work items reused from an earlier run" if self.n_reused else "")
-        ]
-        if self.classes:
-            width = max(8, *(len(c) for c in self.classes))
-            lines.append(f"  {'split':<6} " + " ".join(f"{c:>{width}}" for c in self.classes) + f" {'total':>8}")
-            for split, per in self.counts.items():
-                vals = [per.get(c, 0) for c in self.classes]
-                lines.append(f"  {split:<6} " + " ".join(f"{v:>{width}}" for v in vals) + f" {sum(vals):>8}")
-        skipped = [r for r in self.report if r["status"] == "skipped"]
-        if skipped:
-            lines.append("skipped:")
-            for r in skipped[:50]:
-                lines.append(f"  row {r['manifest_row']} {r['source']}: {r['reason']}")
-            if len(skipped) > 50:
-                lines.append(f"  ... and {len(skipped) - 50} more (see report.csv)")
-        if self.dataset_path is not None:
-            lines.append(f"dataset: {self.dataset_path} (content hash {self.content_hash[:16]})")
-        else:
-            lines.append("dataset: not written (no slice could be ingested)")
-        return "\n".join(lines)
 
 
 def _tasks(sources: list[Source], per_part: int) -> list[list[Source]]:
@@ -120,8 +77,8 @@ class _Assembly:
         self.results: dict[int, dict | None] = {}
         self.next = 0
         self.writer: SliceWriter | None = None
-        self.report: dict[tuple[int, str], dict[str, Any]] = {}  # (manifest row, source path) -> report row
-        self.pieces: dict[str, tuple[int, str]] = {}  # volume -> the source it came from first
+        self.report: dict[tuple[int, int], dict[str, Any]] = {}  # (manifest row, sub-folder or 0) -> report row
+        self.pieces: dict[str, tuple[int, int]] = {}  # volume -> the source it came from first
         self.hashed: set[str] = set()  # keyed hashes of the identifiers the workers found (`privacy.Redactor`)
         self.slices: list[dict] = []
         self.normalizations: set[str] = set()
@@ -137,14 +94,14 @@ class _Assembly:
         if res is not None and "failed" in res:
             for src in task.sources:
                 reason = self.redact.text(res["failed"])
-                self.report[src.row, src.rel] = self._row(src.row, self.redact.path(src.rel), "skipped", reason, 0)
+                self.report[src.row, src.part] = self._row(src.row, self.redact.path(src.rel), "skipped", reason, 0)
             return
         path = task.parts_dir / f"{task.part_id}.npy"
         meta = read_json(path.with_suffix(".json"))
         for src, r in zip(task.sources, meta["report"], strict=True):
-            self.report[src.row, src.rel] = self._row(r["row"], r["source"], r["status"], r["reason"], r["n_slices"])
+            self.report[src.row, src.part] = self._row(r["row"], r["source"], r["status"], r["reason"], r["n_slices"])
             self.hashed.update(r["ids"])
-        keys = {s.row: (s.row, s.rel) for s in task.sources}  # a task's sources are distinct rows or one sub-folder
+        keys = {s.row: (s.row, s.part) for s in task.sources}  # a task's sources are distinct rows or one sub-folder
         for s in meta["slices"]:
             self._check_piece(s, keys[s["row"]])
         self.slices.extend(meta["slices"])
@@ -154,13 +111,13 @@ class _Assembly:
                 self.writer = self.stack.enter_context(SliceWriter(self.out))
             self.writer.add_file(path, bytes.fromhex(meta["digests"]))
 
-    def _check_piece(self, s: dict, key: tuple[int, str]) -> None:
+    def _check_piece(self, s: dict, key: tuple[int, int]) -> None:
         """A series whose files lie in two sub-folders of one expanded row (`expand_folders`) is read as one volume
-        per folder: each later piece gets its own volume id and both report lines say so."""
+        per folder: each later piece gets its own volume id and the row's report line says so."""
         first = self.pieces.setdefault(s["volume"], key)
         if first == key or first[0] != key[0]:
             return
-        s["volume"] = f"{s['volume']}.{zlib.crc32(key[1].encode()):08x}"
+        s["volume"] = f"{s['volume']}.{key[1]}"
         note = (
             "a series continues in another sub-folder of this row: each folder's part was read as its own "
             "volume (ingest.split_folder_rows=false reads the row whole)"
@@ -287,20 +244,24 @@ def run_ingest(
         execute(todo, pool, progress, asm.ready)
         pool.release()
         for s in skips:
-            asm.report[s.row, s.rel] = asm._row(s.row, s.rel, "skipped", s.reason, 0)
+            asm.report[s.row, 0] = asm._row(s.row, s.rel, "skipped", s.reason, 0)
         skipped_rows = {s.row for s in skips}  # reasons no worker redacted
         # Every row's path redacted with the identifiers found in any source (a folder named by a PatientID that only
         # another row's files carry); a reason, already redacted by its worker, names the path the same way.
         redact = Redactor(pseudonym, [s.patient for s in sources if s.patient], asm.hashed)
+        rel = {s.row: s.rel for s in [*sources, *skips]}
         report_rows = []
-        for (_, rel), r in sorted(asm.report.items()):
-            report_rows.append(r)
-            shown, final = r["source"], redact.path(rel)
-            reason = r["reason"].replace(shown, final) if shown else r["reason"]
-            if shown and "/" in shown:
-                reason = reason.replace(shown.rsplit("/", 1)[1], final.rsplit("/", 1)[1])
-            r["source"], r["reason"] = final, redact.text(reason) if r["manifest_row"] in skipped_rows else reason
-            r["reason"] = r["reason"][:300]
+        for row, lines in itertools.groupby(sorted(asm.report.items()), key=lambda kv: kv[0][0]):
+            parts = []
+            for (_, part), r in lines:
+                shown, final = r["source"], redact.path(rel[row])
+                reason = r["reason"].replace(shown, final) if shown else r["reason"]
+                if shown and "/" in shown:
+                    reason = reason.replace(shown.rsplit("/", 1)[1], final.rsplit("/", 1)[1])
+                r["source"], r["reason"] = final, redact.text(reason) if row in skipped_rows else reason
+                parts.append((part, r))
+            report_rows.append(merge_parts(parts))
+            report_rows[-1]["reason"] = report_rows[-1]["reason"][:300]
         n_ok = sum(r["status"] == "ok" for r in report_rows)
         n_skipped = len(report_rows) - n_ok
         if not asm.slices:

@@ -35,6 +35,9 @@ class Source:
         split: "train" | "val" | "test" | "" (= hashed by patient).
         mask: absolute path of a label-map NIfTI, or None.
         window: CT window override ("" = ``ingest.ct_window``).
+        part: for a row read per sub-folder (`expand_folders`), which sub-folder this is (1-based; 0 = the whole row);
+            `path` is then that sub-folder and `rel` stays the row's path. Outputs name it only by number.
+        parts: how many sub-folders the row was read as (0 = the whole row).
     """
 
     row: int
@@ -47,6 +50,8 @@ class Source:
     split: str = ""
     mask: Path | None = None
     window: str = ""
+    part: int = 0
+    parts: int = 0
 
 
 @dataclass
@@ -306,22 +311,29 @@ def _branches(folder: Path) -> list[Path]:
         if len(subdirs) != 1:
             break
         folder = subdirs[0]
-    subdirs = [d for d in subdirs if _has_files(d)]
+    subdirs = [d for d in subdirs if _has_candidates(d)]
     return subdirs if len(subdirs) > 1 else []
 
 
+def _has_candidates(folder: Path) -> bool:
+    """Whether a folder holds, outside hidden folders, a file DICOM discovery would read (`dicom_files`)."""
+    from medgan.ingest.headers import candidate_name
+
+    for _, dirs, files in os.walk(folder):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        if any(candidate_name(f) for f in files):
+            return True
+    return False
+
+
 def expand_folders(sources: list[Source]) -> list[Source]:
-    """Each DICOM folder source that holds only sub-folders (an archive of patients, a study of series) becomes one
-    source per sub-folder, with the same row, label, patient and split: one big manifest row is spread over the
-    workers like many rows, and its report lines name the sub-folder. A source with a mask stays whole (the mask fits
-    the whole source). A series whose files lie in two sibling sub-folders is read as one piece per folder."""
+    """Each DICOM folder source that holds no DICOM file of its own, only sub-folders (an archive of patients, a study
+    of series), becomes one source per sub-folder where the tree first branches, with the same row, label, patient
+    and split: one big manifest row is spread over the workers like many rows. Sub-folders with nothing discovery
+    would read are left out; a symlink at a level keeps the row whole, as does a mask (it fits the whole source). A
+    series whose files lie in two sibling sub-folders is read as one piece per folder."""
     out: list[Source] = []
     for s in sources:
         subs = _branches(s.path) if s.kind == "dicom" and s.mask is None and s.path.is_dir() else []
-        if not subs:
-            out.append(s)
-            continue
-        for d in subs:
-            rel = (Path(s.rel) / d.relative_to(s.path)).as_posix()
-            out.append(dataclasses.replace(s, rel=rel, path=d))
+        out += [dataclasses.replace(s, path=d, part=k, parts=len(subs)) for k, d in enumerate(subs, 1)] or [s]
     return out

@@ -80,7 +80,7 @@ def part_id(sources: list[Source], cfg: IngestConfig, key_fingerprint: str) -> t
     h.update(json.dumps(conf, sort_keys=True).encode())
     total = 0
     for s in sources:
-        fields = [s.row, s.rel, s.kind, s.label, s.modality, s.window, str(s.mask is not None)]
+        fields = [s.row, s.rel, s.part, s.kind, s.label, s.modality, s.window, str(s.mask is not None)]
         (files, size), (mask_files, _) = _stats(s.path), _stats(s.mask)
         h.update(json.dumps([fields, files, mask_files]).encode())
         total += size
@@ -91,13 +91,19 @@ def _reason(e: BaseException, src: Source, root: Path, redact: Redactor) -> str:
     """One line, paths relative to the root and identifiers replaced (never an absolute path or a UID in a report).
     A file's own name in the message (nibabel's, or ours) is shown as its redacted relative path."""
     msg = str(e) if isinstance(e, ValueError) else f"{type(e).__name__}: {e}"
-    shown = redact.path(src.rel)
+    shown = shown_path(src, redact)
     for p, rel in ((src.path.resolve(), shown), (src.path, shown), (root.resolve(), "<root>"), (root, "<root>")):
         msg = msg.replace(str(p), rel)
-    for name in (src.path.name, src.mask.name if src.mask is not None else ""):
+    # A sub-folder's own name (read from disk, not typed in the manifest) is never shown, not even redacted.
+    for name in ("" if src.part else src.path.name, src.mask.name if src.mask is not None else ""):
         if name and name not in shown:
             msg = msg.replace(name, redact.path(name))
     return " ".join(redact.text(msg).split())[:300]
+
+
+def shown_path(src: Source, redact: Redactor) -> str:
+    """How outputs name a source: its redacted path, and for a row read per sub-folder the sub-folder's number."""
+    return redact.path(src.rel) + (f" [sub-folder {src.part}/{src.parts}]" if src.part else "")
 
 
 def _label_from_tags(tags: dict[str, str], cfg: IngestConfig) -> str:

@@ -326,7 +326,9 @@ def train(
 
 
 def _grad_norm(params: list[torch.nn.Parameter]) -> torch.Tensor:
-    return torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+    return torch.linalg.vector_norm(
+        torch.stack([torch.linalg.vector_norm(p.grad) for p in params if p.grad is not None])
+    )
 
 
 def _raise_alarms(mon: Monitor, n_before: int, tracker, bar: tqdm, env: dist.Env) -> None:

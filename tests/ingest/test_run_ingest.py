@@ -359,7 +359,7 @@ def test_a_source_that_kills_its_worker_fails_alone_and_the_rest_lands(nifti_roo
 
 def test_a_row_naming_a_folder_of_series_folders_is_read_per_folder(shared_data, tmp_path):
     """One manifest row for the four decubitus positions (a folder of series folders) is read as one work item per
-    sub-folder: the same slices as four rows, and one report line per folder under the row's number."""
+    sub-folder: the same slices as four rows, and one report line for the row."""
     base = require(shared_data / "dicom/mr_decubitus_t1_4positions")
     positions = sorted(p.name for p in base.iterdir() if p.is_dir())
     one = _write_manifest(tmp_path / "one.csv", [{"source": base.name, "label": "brain"}])
@@ -367,10 +367,12 @@ def test_a_row_naming_a_folder_of_series_folders_is_read_per_folder(shared_data,
     key = tmp_path / "k.key"
     rep = run_ingest(_cfg(), tmp_path / "one", manifest=one, root=base.parent, key_file=key, progress=False)
     ref = run_ingest(_cfg(), tmp_path / "four", manifest=four, root=base.parent, key_file=key, progress=False)
-    assert rep.n_items == 4 and [r["manifest_row"] for r in rep.report] == [1, 1, 1, 1], rep.summary()
-    assert [r["status"] for r in rep.report] == ["ok"] * 4
-    assert [r["source"] for r in rep.report] == [r["source"] for r in ref.report]
-    assert [r["n_slices"] for r in rep.report] == [r["n_slices"] for r in ref.report]
+    assert rep.n_items == 4 and len(rep.report) == 1 and rep.n_ok == 1, rep.summary()
+    line = rep.report[0]
+    assert (line["manifest_row"], line["source"], line["status"]) == (1, base.name, "ok")
+    assert line["n_slices"] == sum(r["n_slices"] for r in ref.report) == len(SliceDataset.open(tmp_path / "four"))
+    assert line["reason"].startswith("read as 4 sub-folders, 4 with slices")
+    assert not any(p in line["reason"] for p in positions)  # sub-folders are named by number only
     a, b = SliceDataset.open(tmp_path / "one"), SliceDataset.open(tmp_path / "four")
     np.testing.assert_array_equal(a.images, b.images)
     for col in ("volume", "patient", "split", "slice_index"):
@@ -380,8 +382,8 @@ def test_a_row_naming_a_folder_of_series_folders_is_read_per_folder(shared_data,
 
 def test_a_series_split_over_two_sibling_folders_is_read_as_two_pieces_and_says_so(tmp_path):
     """A series whose files lie in two sub-folders of one row: each folder's files become their own volume (distinct
-    volume ids), and both report lines say the series continues in another sub-folder; ingest.split_folder_rows=false
-    reads the row whole."""
+    volume ids) and the row's line says the series continues in another sub-folder; a sub-folder with nothing DICOM
+    discovery reads is left out; ingest.split_folder_rows=false reads the row whole."""
     from tests.ingest.test_dicom import AXIAL, write_series
 
     staging, _ = write_series(tmp_path / "staging", AXIAL)
@@ -389,21 +391,27 @@ def test_a_series_split_over_two_sibling_folders_is_read_as_two_pieces_and_says_
     assert len(files) == 4
     root = tmp_path / "root"
     for i, f in enumerate(files):
-        (root / "archive" / ("a" if i < 2 else "b")).mkdir(parents=True, exist_ok=True)
-        shutil.copy(f, root / "archive" / ("a" if i < 2 else "b") / f.name)
+        sub = root / "archive" / "Doe_Jane" / ("a" if i < 2 else "b")  # a chain of one folder is followed down
+        sub.mkdir(parents=True, exist_ok=True)
+        shutil.copy(f, sub / f.name)
+    (root / "archive" / "Doe_Jane" / "notes").mkdir()
+    (root / "archive" / "Doe_Jane" / "notes" / "readme.txt").write_text("not DICOM")
     manifest = _write_manifest(tmp_path / "m.csv", [{"source": "archive", "label": "ct"}])
     cfg = _cfg("ingest.min_series_slices=2", "ingest.min_foreground_fraction=0")
     rep = run_ingest(cfg, tmp_path / "ds", manifest=manifest, root=root, key_file=tmp_path / "k", progress=False)
-    assert [(r["manifest_row"], r["source"], r["status"]) for r in rep.report] == [
-        (1, "archive/a", "ok"),
-        (1, "archive/b", "ok"),
+    assert rep.n_items == 2 and [(r["manifest_row"], r["source"], r["status"]) for r in rep.report] == [
+        (1, "archive", "ok")
     ], rep.summary()
-    assert all("continues in another sub-folder" in r["reason"] for r in rep.report)
+    assert "read as 2 sub-folders, 2 with slices" in rep.report[0]["reason"]
+    assert "sub-folders 1-2: a series continues in another sub-folder" in rep.report[0]["reason"]
+    assert "Doe" not in rep.summary() and "Jane" not in rep.summary()
     ds = SliceDataset.open(tmp_path / "ds")
     assert len(ds) == 4 and len(set(ds.column("volume"))) == 2 and len(set(ds.column("patient"))) == 1
     # Read whole on request: one series, one volume, one report line.
     cfg = _cfg("ingest.min_series_slices=2", "ingest.min_foreground_fraction=0", "ingest.split_folder_rows=false")
     whole = run_ingest(cfg, tmp_path / "whole", manifest=manifest, root=root, key_file=tmp_path / "k", progress=False)
-    assert [(r["source"], r["status"], r["reason"]) for r in whole.report] == [("archive", "ok", "")], whole.summary()
+    assert whole.n_items == 1 and [(r["source"], r["status"], r["reason"]) for r in whole.report] == [
+        ("archive", "ok", "")
+    ], whole.summary()
     ds = SliceDataset.open(tmp_path / "whole")
     assert len(ds) == 4 and len(set(ds.column("volume"))) == 1
