@@ -1,6 +1,7 @@
 """Device, precision and DDP, decided once: the loop asks `Env` and never branches on hardware itself.
 
-bf16 autocast on CUDA and on CPUs with native bf16 (measured ~1.7x on an AVX512-BF16 CPU), fp32 otherwise;
+bf16 autocast on CUDA, fp32 on the CPU (on an AVX512-BF16 CPU, bf16 autocast trained 1.2x slower at both recipe
+widths: docs/results.md; `train.precision=bf16` asks for it);
 channels_last; torch.compile on CUDA only (slower on CPU). DDP follows torchrun: its RANK/WORLD_SIZE/LOCAL_RANK
 variables are the one environment read here (library code otherwise never reads the environment); gloo on CPU, NCCL
 on GPU. Any torchrun launch joins a process group, one process included, so `torchrun --nproc_per_node 1` runs the
@@ -51,20 +52,6 @@ class Env:
         return f"{self.device} {self.precision}{', compiled' if self.compile else ''}{ddp}"
 
 
-def cpu_supports_bf16() -> bool:
-    """True when this CPU runs bf16 convolutions natively (oneDNN with AVX512-BF16/AMX)."""
-    if not torch.backends.mkldnn.is_available():
-        return False
-    cap = getattr(torch.backends.cpu, "get_cpu_capability", lambda: "")()
-    if "AVX512" not in cap and "AMX" not in cap:
-        return False
-    try:
-        flags = open("/proc/cpuinfo").read()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
 def setup(cfg: TrainConfig) -> Env:
     """Pick device, precision and compile once; join the torchrun process group when launched by torchrun."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
@@ -91,7 +78,7 @@ def setup(cfg: TrainConfig) -> Env:
         raise ValueError(f"train.precision={cfg.precision!r}; use auto, bf16 or fp32")
     if cfg.precision == "fp32":
         dtype = None
-    elif cfg.precision == "bf16" or device.type == "cuda" or cpu_supports_bf16():
+    elif cfg.precision == "bf16" or device.type == "cuda":
         dtype = torch.bfloat16
     else:
         dtype = None
