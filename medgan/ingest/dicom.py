@@ -129,9 +129,9 @@ def scan_files(paths: list[Path], source: Path, max_volume_mb: float = 4096) -> 
     for path in paths:
         try:
             ds, has_pixels, offset = read_header(path, limit)
-            tsuid = UID(ds.file_meta.TransferSyntaxUID)
-            reason = (not_image(ds, has_pixels) or decoder_problem(tsuid)
-                      or size_problem(ds, path.stat().st_size, offset, limit))  # fmt: skip
+            tsuid, size = UID(ds.file_meta.TransferSyntaxUID), path.stat().st_size
+            reason = (not_image(ds, has_pixels, at_end=0 < size <= offset) or decoder_problem(tsuid)
+                      or size_problem(ds, size, offset, limit))  # fmt: skip
         except InvalidDicomError:
             skips.append(Skip(path, "not a DICOM file"))
             continue

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import pydicom
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.pixels import get_decoder
@@ -284,9 +285,20 @@ def _sop_name(ds: Dataset) -> str:
     return name if name != str(sop) and not _UID_RE.fullmatch(name) else ""
 
 
-def not_image(ds: Dataset, has_pixels: bool) -> str | None:
-    """Reason a header is not an image we can use (RT objects, SR, SEG, waveforms, presentation states...)."""
+def cut_short(ds: Dataset) -> bool:
+    """Whether the file ended inside the header's last element (its value is shorter than the length it declares):
+    a truncated file. A file cut exactly between two elements cannot be told from a complete one."""
+    tags = list(ds.keys())
+    raw = ds.get_item(tags[-1]) if tags else None
+    return isinstance(raw, RawDataElement) and raw.value is not None and len(raw.value) < raw.length
+
+
+def not_image(ds: Dataset, has_pixels: bool, at_end: bool = False) -> str | None:
+    """Reason a header is not an image we can use (RT objects, SR, SEG, waveforms, presentation states...), or a
+    truncated file (`at_end`: the header reached the end of the file, inside an element)."""
     name = _sop_name(ds)
+    if not has_pixels and at_end and cut_short(ds):
+        return f"truncated: the file ends inside its header ({name or 'no known SOP class'})"
     if not has_pixels:
         return f"no pixel data ({name or 'no known SOP class'})"
     if name and "Image Storage" not in name:

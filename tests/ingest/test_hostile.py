@@ -282,8 +282,10 @@ def test_reasons_say_what_is_wrong_with_the_file(tmp_path, monkeypatch):
     for name in ("IM000000", "IM000001"):  # CT Image Storage headers without Pixel Data (a DICOMDIR's leaves)
         (root / "tiny" / name).write_bytes((leaves / name).read_bytes())
     small_nifti(root / "fine.nii.gz")
-    rep = _ingest(tmp_path, root, ["rtplan.dcm", "JPEG-lossy.dcm", "tiny", "fine.nii.gz"])
+    (root / "cut.dcm").write_bytes(Path(get_testdata_file("MR_small.dcm")).read_bytes()[:1000])  # ends mid-element
+    rep = _ingest(tmp_path, root, ["rtplan.dcm", "JPEG-lossy.dcm", "tiny", "fine.nii.gz", "cut.dcm"])
     reasons = [r["reason"] for r in rep.report]
+    assert "truncated: the file ends inside its header (MR Image Storage)" in reasons[4]
     assert "no pixel data (RT Plan Storage)" in reasons[0]
     assert "all available plugins: pylibjpeg" in reasons[1]  # the plugins' own words, not cut at the colon
     assert "2x no pixel data (CT Image Storage)" in reasons[2] and "not an image" not in reasons[2]
