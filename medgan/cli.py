@@ -73,10 +73,11 @@ def main() -> None:
 
     \b
     Typical session:
-      medgan ingest --manifest data_manifests/demo.csv --root data/demo --out datasets/demo
-      medgan train --data datasets/demo --config configs/train/cpu_smoke.yaml
-      medgan evaluate --model models:/medgan-demo@candidate --data datasets/demo
-      medgan export --model models:/medgan-demo@candidate --n-per-class 50 --format png --out synthetic/demo
+      medgan ingest --manifest data_manifests/sample.csv --root data/sample --out datasets/sample
+        --config configs/ingest/sample_ct_organs.yaml
+      medgan train --data datasets/sample --config configs/train/cpu_smoke.yaml
+      medgan evaluate --model models:/medgan-sample@candidate --data datasets/sample
+      medgan export --model models:/medgan-sample@candidate --n-per-class 50 --format png --out synthetic/sample
     """
 
 
@@ -352,12 +353,13 @@ def _version_lines(v) -> list[str]:
 
 def _models_text(uri: str, spec: str | None) -> str:
     from medgan.tracking.registry import registered_models
-    from medgan.tracking.store import redact
+    from medgan.tracking.store import redact, resolve_uri
 
     found = registered_models(uri, spec)
+    store = redact(resolve_uri(uri))  # the default store named, not ""
     if spec is None and not found:
-        return f"no registered models in {redact(uri)} (medgan train registers one at the end of training)"
-    out = [f"registered models in {redact(uri)}:"] if spec is None else []
+        return f"no registered models in {store} (medgan train registers one at the end of training)"
+    out = [f"registered models in {store}:"] if spec is None else []
     for m in found:
         alias_text = ", ".join(f"@{a} -> v{v}" for a, v in sorted(m.aliases.items())) or "no aliases"
         if spec is None:

@@ -8,6 +8,7 @@ the valid ones.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import types
 import typing
 from dataclasses import dataclass, field
@@ -292,7 +293,9 @@ def set_value(cfg: Config, dotted: str, value: Any) -> None:
     section = getattr(cfg, parts[0])
     hints = _hints(type(section))
     if parts[1] not in hints:
-        raise ConfigError(f"Unknown config key {dotted!r}; valid keys in {parts[0]!r}: {sorted(hints)}")
+        near = difflib.get_close_matches(parts[1], hints, n=1)
+        guess = f"did you mean {parts[0]}.{near[0]}? " if near else ""
+        raise ConfigError(f"Unknown config key {dotted!r}; {guess}valid keys in {parts[0]!r}: {sorted(hints)}")
     setattr(section, parts[1], _coerce(value, hints[parts[1]], dotted))
 
 

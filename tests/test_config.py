@@ -35,6 +35,11 @@ def test_unknown_keys_list_valid_ones(bad):
     assert "Unknown config key" in str(e.value)
 
 
+def test_a_misspelt_key_gets_the_nearest_one():
+    with pytest.raises(ConfigError, match=r"did you mean ingest\.min_foreground_fraction\?"):
+        load_config(sets=["ingest.min_foregound_fraction=0"])
+
+
 def test_bad_value_names_the_key():
     with pytest.raises(ConfigError, match="train.batch_size"):
         load_config(sets=["train.batch_size=lots"])

@@ -28,7 +28,7 @@ class IngestReport:
     def summary(self) -> str:
         """A human-readable summary: counts per split and class, skipped sources with reasons, the output path."""
         lines = [
-            f"ingest: {self.n_ok} sources ok, {self.n_skipped} skipped, {self.n_slices} slices "
+            f"ingest: {self.n_ok} source{'s' * (self.n_ok != 1)} ok, {self.n_skipped} skipped, {self.n_slices} slices "
             f"in {self.seconds:.1f} s ({self.n_slices / max(self.seconds, 1e-9):.0f} slices/s)"
             + (f"; {self.n_reused} work items reused from an earlier run" if self.n_reused else "")
         ]
