@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch.optim import swa_utils
 from tqdm import tqdm
 
 from medgan import checkpoint
@@ -229,8 +230,7 @@ def train(
                 ema_images = min(ema_images, images_seen * t.ema_rampup)
             beta = 0.5 ** (t.batch_size * t.d_steps / max(ema_images, 1e-8))
             with torch.no_grad():
-                for pe, pg in zip(G_ema.parameters(), g_params, strict=True):
-                    pe.lerp_(pg, 1.0 - beta)
+                swa_utils.get_ema_multi_avg_fn(beta)(list(G_ema.parameters()), g_params, None)  # one fused lerp
                 for be, bg in zip(G_ema.buffers(), G.buffers(), strict=True):
                     be.copy_(bg)
             bar.update(min(images_seen, total) - bar.n)
@@ -326,9 +326,7 @@ def train(
 
 
 def _grad_norm(params: list[torch.nn.Parameter]) -> torch.Tensor:
-    return torch.linalg.vector_norm(
-        torch.stack([torch.linalg.vector_norm(p.grad) for p in params if p.grad is not None])
-    )
+    return torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
 
 
 def _raise_alarms(mon: Monitor, n_before: int, tracker, bar: tqdm, env: dist.Env) -> None:
