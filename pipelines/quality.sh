@@ -14,7 +14,9 @@
 # Usage: pipelines/quality.sh            (docs/results.md: AFTER_REV=9819ce8 bash pipelines/quality.sh)
 #   env: MINUTES (45), SEEDS ("0"), BASELINE_REV (d2a1d5e), AFTER_REV (""), CONFIDENCE (0.9), N_PER_CLASS (200),
 #        BRAIN_MRI_DIR, MEDGAN_WORKDIR (the repo), DATASET (an ingested dataset instead of the brain MRI set),
-#        EVAL_ARGS (extra `medgan evaluate` options),
+#        EVAL_ARGS (extra `medgan evaluate` options), BEFORE_SET / AFTER_SET (extra `--set key=value` overrides of one
+#        arm, space-separated; e.g. BEFORE_SET=train.precision=bf16 trains the before arm as `precision: auto` did on
+#        a bf16-capable CPU before fp32 became the CPU default),
 #        SCREENS (a folder of short screening runs, runs/<name>/ and reports/<name>/, recorded beside the comparison)
 # Cost on a 2-core CPU machine: MINUTES per seed for the training, then ~25 min of evaluation per seed (measured while
 # the test suite shared the machine).
@@ -28,6 +30,8 @@ AFTER_REV=${AFTER_REV:-}
 CONFIDENCE=${CONFIDENCE:-0.9}
 N_PER_CLASS=${N_PER_CLASS:-200}
 read -r -a EVAL_ARGS <<< "${EVAL_ARGS:-}"
+read -r -a BEFORE_SET <<< "${BEFORE_SET:-}"
+read -r -a AFTER_SET <<< "${AFTER_SET:-}"
 [ -n "${MEDGAN_SKIP_SETUP:-}" ] || bash "$REPO/pipelines/setup.sh"
 PY=${PY:-"$REPO/.venv/bin/python"}
 mkdir -p "$WORK" && cd "$WORK"
@@ -49,12 +53,14 @@ fi
 medgan() { "$PY" -m medgan "$@"; }
 
 run() {  # ARM SEED: one training run, its evaluation, and the filtered export's evaluation
-  local arm=$1 seed=$2 out="$WORK/quality/$1-s$2"
+  local arm=$1 seed=$2 out="$WORK/quality/$1-s$2" sets=() kv
+  if [ "$arm" = before ]; then for kv in "${BEFORE_SET[@]}"; do sets+=(--set "$kv"); done; fi
+  if [ "$arm" = after ]; then for kv in "${AFTER_SET[@]}"; do sets+=(--set "$kv"); done; fi
   if [ ! -f "$out/checkpoint" ]; then
     rm -rf "$out/runs"  # an interrupted run starts over: its budget is wall-clock time
     medgan train --data "$DATASET" --out "$out/runs" --config "$WORK/quality/$arm.yaml" \
       --set train.total_kimg=10000 --set "train.max_minutes=$MINUTES" --set "train.seed=$seed" \
-      --set train.progress=false --set "track.experiment=medgan-quality-brain_mri" --set track.register=false
+      --set train.progress=false --set "track.experiment=medgan-quality-brain_mri" --set track.register=false "${sets[@]}"
     ls "$out"/runs/*/ckpt-*.pt | sort | tail -n 1 > "$out/checkpoint"  # one run folder: its last checkpoint
   fi
   local ckpt
