@@ -54,6 +54,17 @@ ROWS = [
 ]
 
 
+def cpu_model() -> str:
+    """The CPU's model name and whether it has AVX512-BF16: bf16 autocast's speed on the CPU depends on both."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor() or platform.machine()
+    name = re.search(r"^model name\s*:\s*(.+)$", info, re.M)
+    bf16 = ", AVX512-BF16" if re.search(r"\bavx512_bf16\b", info) else ""
+    return f"{name.group(1).strip() if name else platform.machine()}{bf16}"
+
+
 def read_run(folder: Path, minutes: float) -> dict | None:
     ev = folder / "eval" / "metrics.json"
     if not ev.is_file():
@@ -176,6 +187,8 @@ def main() -> None:
     ap.add_argument("--confidence", type=float, default=0.9)
     ap.add_argument("--screens", type=Path, help="a folder of short screening runs to record beside the comparison")
     ap.add_argument("--cues", type=Path, help="the real dataset: low-level real/synthetic cues of the after arm's run")
+    ap.add_argument("--before-set", default="", help="the before arm's extra --set overrides (quality.sh BEFORE_SET)")
+    ap.add_argument("--after-set", default="", help="the after arm's extra --set overrides (quality.sh AFTER_SET)")
     ap.add_argument("--out-json", type=Path)
     args = ap.parse_args()
 
@@ -214,9 +227,10 @@ def main() -> None:
 
     if args.out_json:
         results = {
-            "machine": f"{platform.machine()} CPU, 2 cores (one thread per run, two runs side by side)",
+            "machine": f"{cpu_model()}, 2 cores (one thread per run, two runs side by side)",
             "budget_minutes": args.minutes,
             "baseline_rev": args.baseline_rev,
+            "overrides": {"before": args.before_set.split(), "after": args.after_set.split()},
             "min_class_confidence": args.confidence,
             "runs": per_arm,
             "summary": table,

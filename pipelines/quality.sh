@@ -85,5 +85,5 @@ for seed in $SEEDS; do
   [ "$rc" = 0 ] || { echo "quality: a run of seed $seed failed (see above)"; exit 1; }
 done
 "$PY" "$REPO/benchmarks/quality.py" --work "$WORK/quality" --minutes "$MINUTES" --baseline-rev "$BASELINE_REV" \
-  --confidence "$CONFIDENCE" --cues "$DATASET" ${SCREENS:+--screens "$SCREENS"} \
+  --confidence "$CONFIDENCE" --before-set "${BEFORE_SET[*]}" --after-set "${AFTER_SET[*]}" --cues "$DATASET" ${SCREENS:+--screens "$SCREENS"} \
   --out-json "${OUT_JSON:-$REPO/benchmarks/results/quality-cpu.json}"
