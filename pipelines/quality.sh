@@ -54,8 +54,8 @@ medgan() { "$PY" -m medgan "$@"; }
 
 run() {  # ARM SEED: one training run, its evaluation, and the filtered export's evaluation
   local arm=$1 seed=$2 out="$WORK/quality/$1-s$2" sets=() kv
-  if [ "$arm" = before ]; then for kv in "${BEFORE_SET[@]}"; do sets+=(--set "$kv"); done; fi
-  if [ "$arm" = after ]; then for kv in "${AFTER_SET[@]}"; do sets+=(--set "$kv"); done; fi
+  local -n overrides="${arm^^}_SET"  # BEFORE_SET or AFTER_SET
+  for kv in "${overrides[@]}"; do sets+=(--set "$kv"); done
   if [ ! -f "$out/checkpoint" ]; then
     rm -rf "$out/runs"  # an interrupted run starts over: its budget is wall-clock time
     medgan train --data "$DATASET" --out "$out/runs" --config "$WORK/quality/$arm.yaml" \
