@@ -215,7 +215,7 @@ def group_series(
 def _decode(ds: Dataset) -> np.ndarray:
     """Stored values of all frames (colour as RGB), with decoder failures turned into one-line ValueErrors."""
     try:
-        return pydicom.pixels.pixel_array(ds)
+        return pydicom.pixels.pixel_array(ds, view_only=True)  # native pixels as a view: each frame is copied anyway
     except MemoryError:
         raise ValueError(f"not enough memory to decode {pixel_bytes(ds) >> 20} MB of pixels") from None
     except AttributeError as e:
@@ -236,14 +236,44 @@ def _to_float(raw: np.ndarray, ds: Dataset, item: Dataset) -> np.ndarray:
     if photometric in _COLOUR:
         rgb = apply_color_lut(raw, ds) if photometric == "PALETTE COLOR" else raw
         return (np.asarray(rgb, np.float32) @ _LUMA).astype(np.float32)
-    out = np.asarray(apply_modality_lut(raw, item), dtype=np.float32)
-    if photometric == "MONOCHROME1":
-        # Mirror within the stored-value range mapped through the same LUT, so the units' range is kept.
-        bits, signed = number(ds, "BitsStored", 16), number(ds, "PixelRepresentation")
-        ends = np.array([-(2 ** (bits - 1)), 2 ** (bits - 1) - 1] if signed else [0, 2**bits - 1])
-        lo, hi = np.asarray(apply_modality_lut(ends, item), np.float64)
-        out = (lo + hi - out).astype(np.float32)
-    return out
+    out = apply_modality_lut(raw, item)
+    if photometric == "MONOCHROME1":  # mirrored within the mapped value range, so the units' range is kept
+        lo, hi = _mapped_range(ds, item)
+        out = lo + hi - np.asarray(out, np.float64)
+    return np.asarray(out, dtype=np.float32)  # rounded once from the float64 physical values
+
+
+def _mapped_range(ds: Dataset, item: Dataset) -> tuple[float, float]:
+    """The stored-value range (Bits Stored, Pixel Representation) mapped through the modality LUT of `item`."""
+    bits, signed = number(ds, "BitsStored", 16), number(ds, "PixelRepresentation")
+    ends = np.array([-(2 ** (bits - 1)), 2 ** (bits - 1) - 1] if signed else [0, 2**bits - 1])
+    lo, hi = np.asarray(apply_modality_lut(ends, item), np.float64)
+    return float(lo), float(hi)
+
+
+def _one_linear_map(ds: Dataset, headers: list[Dataset], items: list[Dataset]) -> tuple[float, float] | None:
+    """The (slope, intercept) that `_to_float` would apply to the stored values of every frame (`items` hold each
+    frame's rescale), when one linear map does: monochrome, at most 16 bits allocated (so float32 holds every stored
+    value exactly), no Modality LUT Sequence, and one Rescale Slope/Intercept (or none); None otherwise."""
+    photometric = text(ds, "PhotometricInterpretation").strip() or "MONOCHROME2"
+    if not items or photometric in _COLOUR or any(number(h, "BitsAllocated", 16) > 16 for h in headers):
+        return None
+    maps = set()
+    for item in items:
+        if item.get("ModalityLUTSequence"):
+            return None
+        try:  # as apply_modality_lut: the rescale applies when both tags are present
+            both = "RescaleSlope" in item and "RescaleIntercept" in item
+            maps.add((float(item.RescaleSlope), float(item.RescaleIntercept)) if both else (1.0, 0.0))
+        except (TypeError, ValueError):
+            return None  # an unreadable rescale: the general path says what is wrong
+        if len(maps) > 1:
+            return None
+    slope, intercept = maps.pop()
+    if photometric == "MONOCHROME1":  # mirrored as in `_to_float`: lo + hi - (stored * slope + intercept)
+        lo, hi = _mapped_range(ds, items[0])
+        return -slope, lo + hi - intercept
+    return slope, intercept
 
 
 def _order(positions: np.ndarray, notes: list[str]) -> tuple[np.ndarray, float]:
@@ -278,7 +308,9 @@ def read_series(series: SeriesRef, pseudonym: Callable[[str], str]) -> Volume:
 
     Values: ``apply_modality_lut`` (Rescale Slope/Intercept or a Modality LUT Sequence, per frame for enhanced
     objects) so CT is in HU; MONOCHROME1 mirrored within its value range so higher is brighter; colour (RGB, YBR,
-    palette) converted to BT.601 luminance. Geometry: frames ordered by ``cross(row, col) . ImagePositionPatient``;
+    palette) converted to BT.601 luminance. When one linear map does all of that for every frame (`_one_linear_map`:
+    the usual series), the Volume holds the stored values with that map as its slope/intercept, and ``Volume.array``
+    gives the same float32 values. Geometry: frames ordered by ``cross(row, col) . ImagePositionPatient``;
     duplicates dropped, gaps noted; the LPS affine is converted to RAS and the array reoriented to the closest
     canonical RAS+ (axis 0 toward Right, 1 Anterior, 2 Superior). Without geometry (radiographs, ultrasound) or for a
     lone non-axial slice, frames stay in stored order as [columns, rows, frames] with both in-plane axes reversed, so
@@ -328,6 +360,9 @@ def read_series(series: SeriesRef, pseudonym: Callable[[str], str]) -> Volume:
         notes.append(f"multi-frame: {len(keep)} slices from {len(frames)} frames")
 
     # Decode file by file into one float32 stack [slices, rows, cols]; each file's pixels are released after use.
+    # When one linear map gives every frame its physical values (the usual CT or MR series), the stack keeps the stored
+    # values and the Volume carries the map: normalization applies it after the resize, on 16x fewer pixels.
+    linear = _one_linear_map(first, headers, [frames[int(k)].rescale for k in keep])
     stack = np.empty((len(keep), rows, cols), dtype=np.float32)
     per_file: list[list[tuple[int, Frame]]] = [[] for _ in headers]
     for s, k in enumerate(keep):
@@ -344,7 +379,8 @@ def read_series(series: SeriesRef, pseudonym: Callable[[str], str]) -> Volume:
         if frame_shape != (rows, cols):
             raise ValueError(f"image size differs within the series (expected {rows}x{cols})")
         for s, f in wanted:
-            stack[s] = _to_float(raw if f.frame is None else raw[f.frame], ds, f.rescale)
+            frame = raw if f.frame is None else raw[f.frame]
+            stack[s] = frame if linear else _to_float(frame, ds, f.rescale)
         del ds, raw  # the pixel bytes go before the next file: peak memory stays near one volume
     if photometric == "MONOCHROME1":
         notes.append("MONOCHROME1 inverted so higher values are brighter")
@@ -357,6 +393,7 @@ def read_series(series: SeriesRef, pseudonym: Callable[[str], str]) -> Volume:
     array = stack.transpose(2, 1, 0)
     row_sp, col_sp = frames[int(keep[0])].spacing
     volume_key = pseudonym("series:" + series.key)
+    scale = linear or (1.0, 0.0)
     if geometric:
         affine = np.eye(4)
         affine[:3, 0], affine[:3, 1], affine[:3, 2] = row_dir * col_sp, col_dir * row_sp, normal * step
@@ -372,8 +409,8 @@ def read_series(series: SeriesRef, pseudonym: Callable[[str], str]) -> Volume:
                 positions = np.sort(np.array([frames[int(k)].ipp[2] for k in keep]))
             else:
                 positions = new_affine[2, 3] + np.arange(canon.shape[2]) * new_affine[2, 2]
-            return Volume(canon, spacing, series.modality, patient, volume_key, positions, notes)
+            return Volume(canon, spacing, series.modality, patient, volume_key, positions, notes, *scale)
         notes.append("single non-axial slice kept as a 2-D image in its stored orientation")
     # Stored (display) layout: both axes reversed, so the normalizer's display flip shows the image as stored.
     return Volume(array[::-1, ::-1], (col_sp, row_sp, step), series.modality, patient, volume_key,
-                  np.arange(array.shape[2]) * step, notes)  # fmt: skip
+                  np.arange(array.shape[2]) * step, notes, *scale)  # fmt: skip

@@ -105,6 +105,22 @@ def test_monochrome1_inverted_within_value_range(tmp_path: Path) -> None:
     assert any("MONOCHROME1" in n for n in mono1.notes)
 
 
+def test_a_file_with_its_own_rescale_keeps_its_own_units(tmp_path: Path) -> None:
+    """One series-wide slope/intercept is carried only when every file shares it (a PET series rescales per file)."""
+    folder, _ = write_series(tmp_path / "s", AXIAL)
+    _, shared = read_one(folder)
+    assert (shared.slope, shared.intercept) == (2.0, -1000.0)  # stored values kept; the map applied on use
+    odd = folder / "IM0000"
+    ds = pydicom.dcmread(odd)
+    ds.RescaleSlope = 4
+    ds.save_as(odd, enforce_file_format=True)
+    _, vol = read_one(folder)
+    want = expected_hu()
+    k = int(round(float(ds.ImagePositionPatient[2])))  # axial, feet to head: the file's slice along canonical S
+    want[:, :, k] = 4.0 * phantom(*np.meshgrid(*[np.arange(n) for n in SHAPE_RAS[:2]], indexing="ij"), k) - 1000.0
+    np.testing.assert_array_equal(vol.array, want)
+
+
 def test_private_values_never_leave(tmp_path: Path) -> None:
     folder, series_uid = write_series(tmp_path / "p", AXIAL)
     ref, vol = read_one(folder)
@@ -319,12 +335,13 @@ def test_the_reader_equals_plain_pydicom_on_every_pydicom_test_file_it_reads() -
             rgb = apply_color_lut(raw, ds) if photometric == "PALETTE COLOR" else raw
             want = (np.asarray(rgb, np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)).astype(np.float32)
         else:
-            want = np.asarray(apply_modality_lut(raw, ds), np.float32)
+            want = np.asarray(apply_modality_lut(raw, ds), np.float64)  # physical values, rounded once below
             if photometric == "MONOCHROME1":
                 bits, signed = int(ds.BitsStored), int(ds.get("PixelRepresentation", 0))
                 ends = np.array([-(2 ** (bits - 1)), 2 ** (bits - 1) - 1] if signed else [0, 2**bits - 1])
                 lo, hi = np.asarray(apply_modality_lut(ends, ds), np.float64)
-                want = (lo + hi - want).astype(np.float32)
+                want = lo + hi - want
+            want = want.astype(np.float32)
         got = vol.array[:, :, 0]
         # The reader's layout: [columns, rows] with both axes reversed, or the canonical axial slice (flips only).
         candidates = [got[::-1, ::-1].T, got.T, got[::-1].T, got[:, ::-1].T]
