@@ -215,7 +215,7 @@ def group_series(
 def _decode(ds: Dataset) -> np.ndarray:
     """Stored values of all frames (colour as RGB), with decoder failures turned into one-line ValueErrors."""
     try:
-        return pydicom.pixels.pixel_array(ds, view_only=True)  # native pixels as a view: each frame is copied anyway
+        return pydicom.pixels.pixel_array(ds)
     except MemoryError:
         raise ValueError(f"not enough memory to decode {pixel_bytes(ds) >> 20} MB of pixels") from None
     except AttributeError as e:
@@ -253,10 +253,22 @@ def _mapped_range(ds: Dataset, item: Dataset) -> tuple[float, float]:
 
 def _one_linear_map(ds: Dataset, headers: list[Dataset], items: list[Dataset]) -> tuple[float, float] | None:
     """The (slope, intercept) that `_to_float` would apply to the stored values of every frame (`items` hold each
-    frame's rescale), when one linear map does: monochrome, at most 16 bits allocated (so float32 holds every stored
-    value exactly), no Modality LUT Sequence, and one Rescale Slope/Intercept (or none); None otherwise."""
-    photometric = text(ds, "PhotometricInterpretation").strip() or "MONOCHROME2"
-    if not items or photometric in _COLOUR or any(number(h, "BitsAllocated", 16) > 16 for h in headers):
+    frame's rescale), when one linear map does: monochrome, one pixel layout in every file (photometric, bits,
+    signedness), at most 16 bits allocated (so float32 holds every stored value exactly), no Modality LUT Sequence,
+    and one Rescale Slope/Intercept (or none); None otherwise."""
+
+    def layout(h: Dataset) -> tuple[str, int, int, int]:
+        photometric = text(h, "PhotometricInterpretation").strip() or "MONOCHROME2"
+        return (
+            photometric,
+            number(h, "BitsAllocated", 16),
+            number(h, "BitsStored", 16),
+            number(h, "PixelRepresentation"),
+        )
+
+    layouts = {layout(h) for h in headers}  # `_to_float` reads these per file: one map needs them alike
+    photometric, bits_allocated = layout(ds)[:2]
+    if not items or len(layouts) > 1 or photometric in _COLOUR or bits_allocated > 16:
         return None
     maps = set()
     for item in items:

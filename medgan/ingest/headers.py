@@ -372,5 +372,6 @@ def frames_of(ds: Dataset, index: int) -> list[Frame]:
         pos, meas = functional_group(ds, f, "PlanePositionSequence"), functional_group(ds, f, "PixelMeasuresSequence")
         ipp = np.array(pos.ImagePositionPatient, float) if pos is not None and pos.get("ImagePositionPatient") else None
         spacing = tuple(map(float, meas.PixelSpacing)) if meas is not None and meas.get("PixelSpacing") else (1.0, 1.0)
-        out.append(Frame(index, f, ipp, spacing, functional_group(ds, f, "PixelValueTransformationSequence") or ds))
+        item = functional_group(ds, f, "PixelValueTransformationSequence") or ds
+        out.append(Frame(index, None if n == 1 else f, ipp, spacing, item))  # one frame: pixels are [rows, cols]
     return out

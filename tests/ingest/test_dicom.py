@@ -121,6 +121,54 @@ def test_a_file_with_its_own_rescale_keeps_its_own_units(tmp_path: Path) -> None
     np.testing.assert_array_equal(vol.array, want)
 
 
+def test_files_of_one_series_in_different_pixel_layouts_keep_their_own(tmp_path: Path) -> None:
+    """Files of one series stored MONOCHROME1 beside MONOCHROME2 ones are each mirrored (or not) on their own."""
+    folder, _ = write_series(tmp_path / "s", AXIAL)
+    flipped = []
+    for f in sorted(folder.iterdir())[:2]:
+        ds = pydicom.dcmread(f)
+        ds.PhotometricInterpretation = "MONOCHROME1"
+        ds.save_as(f, enforce_file_format=True)
+        flipped.append(int(round(float(ds.ImagePositionPatient[2]))))
+    _, vol = read_one(folder)
+    want = expected_hu()
+    lo, hi = 2 * 0 - 1000, 2 * 4095 - 1000  # 12-bit stored range through the rescale
+    want[:, :, flipped] = (lo + hi) - want[:, :, flipped]
+    np.testing.assert_array_equal(vol.array, want)
+
+
+def test_single_frame_enhanced_file_keeps_every_row(tmp_path: Path) -> None:
+    """An enhanced MR object holding one frame (NumberOfFrames 1, functional groups) reads as that one 4x4 frame."""
+    from pydicom.sequence import Sequence
+
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.4.1"  # Enhanced MR
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID = generate_uid()
+    ds.Modality, ds.SeriesInstanceUID, ds.StudyInstanceUID, ds.PatientID = "MR", generate_uid(), generate_uid(), "x"
+    ds.Rows = ds.Columns = 4
+    ds.NumberOfFrames, ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
+    orient, measures, position = Dataset(), Dataset(), Dataset()
+    orient.ImageOrientationPatient, measures.PixelSpacing, position.ImagePositionPatient = (
+        [1, 0, 0, 0, 1, 0],
+        [1, 1],
+        [0, 0, 0],
+    )
+    shared, frame = Dataset(), Dataset()
+    shared.PlaneOrientationSequence, shared.PixelMeasuresSequence = Sequence([orient]), Sequence([measures])
+    frame.PlanePositionSequence = Sequence([position])
+    ds.SharedFunctionalGroupsSequence, ds.PerFrameFunctionalGroupsSequence = Sequence([shared]), Sequence([frame])
+    stored = np.arange(16, dtype=np.uint16).reshape(4, 4)
+    ds.PixelData = stored.tobytes()
+    ds.save_as(tmp_path / "a.dcm", enforce_file_format=True)
+    _, vol = read_one(tmp_path / "a.dcm")
+    assert sorted(np.unique(vol.array).tolist()) == list(range(16))  # every stored value, no row repeated
+    got = vol.array[:, :, 0]
+    assert any(np.array_equal(c, stored) for c in (got[::-1, ::-1].T, got.T, got[::-1].T, got[:, ::-1].T))
+
+
 def test_private_values_never_leave(tmp_path: Path) -> None:
     folder, series_uid = write_series(tmp_path / "p", AXIAL)
     ref, vol = read_one(folder)
