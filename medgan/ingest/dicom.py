@@ -352,7 +352,6 @@ def read_series(series: SeriesRef, pseudonym: Callable[[str], str]) -> Volume:
     first = headers[0]
     patient_id = text(first, "PatientID").strip()
     patient = pseudonym("patient:" + patient_id) if patient_id else ""
-    photometric = text(first, "PhotometricInterpretation").strip()
     iops = [orientation(ds) for ds in headers]
     geometric = all(iop is not None for iop in iops) and all(f.ipp is not None for f in frames)
     rows, cols = number(first, "Rows"), number(first, "Columns")
@@ -394,10 +393,12 @@ def read_series(series: SeriesRef, pseudonym: Callable[[str], str]) -> Volume:
             frame = raw if f.frame is None else raw[f.frame]
             stack[s] = frame if linear else _to_float(frame, ds, f.rescale)
         del ds, raw  # the pixel bytes go before the next file: peak memory stays near one volume
-    if photometric == "MONOCHROME1":
-        notes.append("MONOCHROME1 inverted so higher values are brighter")
-    elif photometric in _COLOUR:
-        notes.append(f"colour ({photometric}) converted to luminance")
+    stored_as = {text(ds, "PhotometricInterpretation").strip() for ds in headers}
+    if "MONOCHROME1" in stored_as:
+        some = "" if len(stored_as) == 1 else f" ({len(stored_as)} photometric interpretations in the series)"
+        notes.append(f"MONOCHROME1 inverted so higher values are brighter{some}")
+    for colour in sorted(stored_as & set(_COLOUR)):
+        notes.append(f"colour ({colour}) converted to luminance")
     if "MOSAIC" in series.label_tags.get("ImageType", "").upper():
         notes.append("Siemens MOSAIC kept as one 2-D image (tiles not unpacked)")
 

@@ -135,6 +135,7 @@ def test_files_of_one_series_in_different_pixel_layouts_keep_their_own(tmp_path:
     lo, hi = 2 * 0 - 1000, 2 * 4095 - 1000  # 12-bit stored range through the rescale
     want[:, :, flipped] = (lo + hi) - want[:, :, flipped]
     np.testing.assert_array_equal(vol.array, want)
+    assert any("MONOCHROME1 inverted" in n and "2 photometric interpretations" in n for n in vol.notes), vol.notes
 
 
 def test_single_frame_enhanced_file_keeps_every_row(tmp_path: Path) -> None:
