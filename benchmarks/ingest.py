@@ -15,7 +15,7 @@ and on one row naming a folder of 8 DICOM series folders (against one row per se
 Results are merged into ``benchmarks/results/cpu.json`` under ``"ingest"`` (other keys are kept).
 
 Usage:
-    python benchmarks/ingest.py                 # ~1-3 minutes on 2 cores
+    python benchmarks/ingest.py                 # ~5 minutes on 2 cores (100-slice volumes, 3 rounds)
     python benchmarks/ingest.py --quick         # small sizes: checks that it works
 """
 
@@ -316,8 +316,8 @@ def archive_scaling(tmp: Path, n_series: int, n_slices: int, rounds: int = 3) ->
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="small sizes (a functional check, not a measurement)")
-    ap.add_argument("--dicom-slices", type=int, default=200)
-    ap.add_argument("--nifti-slices", type=int, default=200)
+    ap.add_argument("--dicom-slices", type=int, default=100)
+    ap.add_argument("--nifti-slices", type=int, default=100)
     ap.add_argument("--repeats", type=int, default=5, help="runs per process: 1 cold + warm ones (median reported)")
     ap.add_argument("--rounds", type=int, default=3, help="medgan and MONAI processes alternated this many times")
     ap.add_argument("--volumes", type=int, default=12, help="volumes for the 1 vs 2 workers comparison")
