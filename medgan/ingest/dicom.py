@@ -251,7 +251,7 @@ def _mapped_range(ds: Dataset, item: Dataset) -> tuple[float, float]:
     return float(lo), float(hi)
 
 
-def _one_linear_map(ds: Dataset, headers: list[Dataset], items: list[Dataset]) -> tuple[float, float] | None:
+def _one_linear_map(headers: list[Dataset], items: list[Dataset]) -> tuple[float, float] | None:
     """The (slope, intercept) that `_to_float` would apply to the stored values of every frame (`items` hold each
     frame's rescale), when one linear map does: monochrome, one pixel layout in every file (photometric, bits,
     signedness), at most 16 bits allocated (so float32 holds every stored value exactly), no Modality LUT Sequence,
@@ -267,8 +267,10 @@ def _one_linear_map(ds: Dataset, headers: list[Dataset], items: list[Dataset]) -
         )
 
     layouts = {layout(h) for h in headers}  # `_to_float` reads these per file: one map needs them alike
-    photometric, bits_allocated = layout(ds)[:2]
-    if not items or len(layouts) > 1 or photometric in _COLOUR or bits_allocated > 16:
+    if not items or len(layouts) != 1:
+        return None
+    ((photometric, bits_allocated, _, _),) = layouts
+    if photometric in _COLOUR or bits_allocated > 16:
         return None
     maps = set()
     for item in items:
@@ -283,7 +285,7 @@ def _one_linear_map(ds: Dataset, headers: list[Dataset], items: list[Dataset]) -
             return None
     slope, intercept = maps.pop()
     if photometric == "MONOCHROME1":  # mirrored as in `_to_float`: lo + hi - (stored * slope + intercept)
-        lo, hi = _mapped_range(ds, items[0])
+        lo, hi = _mapped_range(headers[0], items[0])
         return -slope, lo + hi - intercept
     return slope, intercept
 
@@ -373,7 +375,7 @@ def read_series(series: SeriesRef, pseudonym: Callable[[str], str]) -> Volume:
     # Decode file by file into one float32 stack [slices, rows, cols]; each file's pixels are released after use.
     # When one linear map gives every frame its physical values (the usual CT or MR series), the stack keeps the stored
     # values and the Volume carries the map: normalization applies it after the resize, on 16x fewer pixels.
-    linear = _one_linear_map(first, headers, [frames[int(k)].rescale for k in keep])
+    linear = _one_linear_map(headers, [frames[int(k)].rescale for k in keep])
     stack = np.empty((len(keep), rows, cols), dtype=np.float32)
     per_file: list[list[tuple[int, Frame]]] = [[] for _ in headers]
     for s, k in enumerate(keep):
