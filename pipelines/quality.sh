@@ -14,6 +14,7 @@
 # Usage: pipelines/quality.sh            (docs/results.md: AFTER_REV=9819ce8 bash pipelines/quality.sh)
 #   env: MINUTES (45), SEEDS ("0"), BASELINE_REV (d2a1d5e), AFTER_REV (""), CONFIDENCE (0.9), N_PER_CLASS (200),
 #        BRAIN_MRI_DIR, MEDGAN_WORKDIR (the repo), DATASET (an ingested dataset instead of the brain MRI set),
+#        FILTERED (1; 0 skips the filtered export and its evaluation),
 #        EVAL_ARGS (extra `medgan evaluate` options), BEFORE_SET / AFTER_SET (extra `--set key=value` overrides of one
 #        arm, space-separated; e.g. BEFORE_SET=train.precision=bf16 trains the before arm as `precision: auto` did on
 #        a bf16-capable CPU before fp32 became the CPU default),
@@ -29,6 +30,7 @@ BASELINE_REV=${BASELINE_REV:-d2a1d5e}
 AFTER_REV=${AFTER_REV:-}
 CONFIDENCE=${CONFIDENCE:-0.9}
 N_PER_CLASS=${N_PER_CLASS:-200}
+FILTERED=${FILTERED:-1}
 read -r -a EVAL_ARGS <<< "${EVAL_ARGS:-}"
 read -r -a BEFORE_SET <<< "${BEFORE_SET:-}"
 read -r -a AFTER_SET <<< "${AFTER_SET:-}"
@@ -67,6 +69,7 @@ run() {  # ARM SEED: one training run, its evaluation, and the filtered export's
   ckpt=$(cat "$out/checkpoint")
   [ -f "$out/eval/metrics.json" ] || medgan evaluate --model "$ckpt" --data "$DATASET" --out "$out/eval" \
     --n-per-class "$N_PER_CLASS" "${EVAL_ARGS[@]}"
+  [ "$FILTERED" = 1 ] || return 0
   [ -f "$out/filtered/dataset.json" ] || medgan export --model "$ckpt" --out "$out/filtered" --format npy \
     --n-per-class "$N_PER_CLASS" --min-class-confidence "$CONFIDENCE" --data "$DATASET" \
     --set export.max_draws_per_class=20000
