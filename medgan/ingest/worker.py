@@ -34,7 +34,15 @@ from medgan.io import atomic_write_json, atomic_write_npy, read_json
 # 5: report rows name their source (redacted); 4: series parts; 3: per-slice digests; 2: .npy + .json; 1: .npz
 PART_VERSION = 5
 # Config fields that change what a part holds; workers/splits/seed only affect scheduling and assembly.
-_ASSEMBLY_ONLY = ("workers", "split_fractions", "seed", "images_per_part", "dedup_max_distance", "split_folder_rows")
+_ASSEMBLY_ONLY = (
+    "workers",
+    "split_fractions",
+    "seed",
+    "images_per_part",
+    "dedup_max_distance",
+    "split_folder_rows",
+    "fast_gunzip",  # the same voxels either way
+)
 
 
 @dataclass
@@ -124,7 +132,11 @@ def _volumes(
     the files read are added to `ids` (before anything is reported)."""
     if src.kind == "nifti":
         vol = read_nifti(
-            src.path, volume_index=cfg.volume_index, modality=src.modality, max_volume_mb=cfg.max_volume_mb
+            src.path,
+            volume_index=cfg.volume_index,
+            modality=src.modality,
+            max_volume_mb=cfg.max_volume_mb,
+            fast_gunzip=cfg.fast_gunzip,
         )
         vol.volume = pseudonym("volume:" + src.rel)
         yield vol, src.label
@@ -233,7 +245,7 @@ def process_source(src: Source, cfg: IngestConfig, pseudonym: Callable[[str], st
             )
             used.add(f"2-D {cfg.image_normalization}")
         else:
-            mask = read_mask(src.mask, cfg.max_volume_mb) if src.mask is not None else None
+            mask = read_mask(src.mask, cfg.max_volume_mb, cfg.fast_gunzip) if src.mask is not None else None
             for vol, label in _volumes(src, cfg, pseudonym, notes, ids, root):
                 try:  # one bad series (or a mask that does not fit it) does not sink the others
                     if mask is not None and mask.shape != vol.shape:
