@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import require
-from tests.ingest.test_hostile import gzip_bomb, rle_bomb, small_nifti, vox_offset_bomb
+from tests.ingest.test_hostile import extension_bomb, gzip_bomb, rle_bomb, small_nifti, vox_offset_bomb
 
 ROOT = Path(__file__).resolve().parents[2]
 MAX_RSS_MB = 1500  # the whole ingest process; a bomb read would need 1-8 GB
@@ -58,6 +58,7 @@ def _corpus(shared_data: Path, root: Path) -> list[str]:
     crafted.mkdir()
     vox_offset_bomb(crafted / "offset.nii.gz")
     gzip_bomb(crafted / "bomb.nii.gz")
+    extension_bomb(crafted / "ext.nii.gz")
     rle_bomb(crafted / "rle32768.dcm")
     rle_bomb(crafted / "rle65535.dcm", 65535)
     small_nifti(crafted / "fine.nii.gz")
@@ -115,7 +116,8 @@ def test_the_corpus_lands_or_is_skipped_with_a_reason_in_bounded_memory(shared_d
     skipped = Counter(_kind(r["reason"]) for r in report if r["status"] == "skipped")
     by_name = {r["source"]: r for r in report}
     assert by_name["crafted/fine.nii.gz"]["status"] == "ok"
-    for bomb in ("offset.nii.gz", "bomb.nii.gz", "rle32768.dcm", "rle65535.dcm", "pipe.dcm", "zero.dcm", "loop.dcm"):
+    bombs = ("offset.nii.gz", "bomb.nii.gz", "ext.nii.gz", "rle32768.dcm", "rle65535.dcm", "pipe.dcm", "zero.dcm")
+    for bomb in (*bombs, "loop.dcm"):
         assert by_name[f"crafted/{bomb}"]["status"] == "skipped"
     assert res["max_rss_mb"] < MAX_RSS_MB
     summary = {

@@ -85,6 +85,19 @@ def gzip_bomb(path: Path, shape=(1024, 1024, 512), payload_mb: int = 20) -> Path
     return path
 
 
+def extension_bomb(path: Path, esize: int = 7, payload_mb: int = 256) -> Path:
+    """A ~250 KB .nii.gz declaring a 4x4x4 volume whose one header extension claims `esize` bytes (7: nibabel would
+    read the rest of the stream, 256 MB of zeros)."""
+    hdr = nib.Nifti1Header()
+    hdr.set_data_shape((4, 4, 4))
+    hdr.set_data_dtype(np.int16)
+    hdr.set_qform(np.eye(4), 1)
+    hdr["vox_offset"] = 352 + 16
+    ext = np.array([esize, 6], "<i4").tobytes() + bytes(8)
+    path.write_bytes(gzip.compress(hdr.binaryblock + b"\1\0\0\0" + ext + bytes(128) + bytes(payload_mb << 20)))
+    return path
+
+
 def rle_bomb(path: Path, side: int = 32768) -> Path:
     """A ~1 KB RLE Lossless CT image claiming side x side pixels."""
     meta = FileMetaDataset()
@@ -118,13 +131,18 @@ def test_memory_bombs_are_skipped_unread_with_the_limit_named(tmp_path):
     root.mkdir()
     vox_offset_bomb(root / "offset.nii.gz")
     gzip_bomb(root / "bomb.nii.gz")
+    extension_bomb(root / "ext7.nii.gz")
+    extension_bomb(root / "ext2g.nii.gz", esize=2**31 - 1, payload_mb=1)
     rle_bomb(root / "rle32768.dcm")
     rle_bomb(root / "rle65535.dcm", 65535)
     small_nifti(root / "fine.nii.gz")
     assert (root / "offset.nii.gz").stat().st_size < 200 and (root / "rle32768.dcm").stat().st_size < 2000
-    rep = _ingest(tmp_path, root, ["offset.nii.gz", "bomb.nii.gz", "rle32768.dcm", "rle65535.dcm", "fine.nii.gz"])
+    sources = ["offset.nii.gz", "bomb.nii.gz", "ext7.nii.gz", "ext2g.nii.gz", "rle32768.dcm", "rle65535.dcm"]
+    rep = _ingest(tmp_path, root, [*sources, "fine.nii.gz"])
     reasons = {r["source"]: r["reason"] for r in rep.report}
     assert "voxel offset 2000000000 is implausible" in reasons["offset.nii.gz"]
+    assert "a header extension at byte 352 declares 7 bytes, past the voxel offset 368" in reasons["ext7.nii.gz"]
+    assert "declares 2147483647 bytes, past the voxel offset" in reasons["ext2g.nii.gz"]
     assert "more than its" in reasons["bomb.nii.gz"] and "gzip bytes can hold" in reasons["bomb.nii.gz"]
     assert "declares 1x32768x32768 pixels (1024 MB) from a" in reasons["rle32768.dcm"]
     assert "65535x65535 pixels" in reasons["rle65535.dcm"] and "ingest.max_volume_mb" in reasons["rle65535.dcm"]
@@ -141,6 +159,7 @@ def test_memory_stays_bounded_on_the_bombs(tmp_path):
     root.mkdir()
     vox_offset_bomb(root / "offset.nii.gz")
     gzip_bomb(root / "bomb.nii.gz")
+    extension_bomb(root / "ext.nii.gz")
     rle_bomb(root / "rle.dcm", 65535)
     script = textwrap.dedent(f"""
         import resource, sys
@@ -150,16 +169,16 @@ def test_memory_stays_bounded_on_the_bombs(tmp_path):
         before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         root = Path({str(root)!r})
         m = root.parent / "m.csv"
-        m.write_text("source,label\\noffset.nii.gz,x\\nbomb.nii.gz,x\\nrle.dcm,x\\n")
+        m.write_text("source,label\\noffset.nii.gz,x\\nbomb.nii.gz,x\\next.nii.gz,x\\nrle.dcm,x\\n")
         rep = run_ingest(load_config(sets=["ingest.workers=1"]), root.parent / "ds", manifest=m, root=root,
                          key_file=root.parent / "key" / "k", progress=False)
-        assert rep.n_skipped == 3, rep.summary()
+        assert rep.n_skipped == 4, rep.summary()
         print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024)
     """)
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
-    assert int(out.stdout.split()[-1]) < 200  # MB above the imports; the headers claim 512 MB to 4 GB
+    assert int(out.stdout.split()[-1]) < 200  # MB above the imports; the headers claim 256 MB to 8 GB
 
 
 # Bad entries inside a DICOM folder, hangs and escapes.
