@@ -395,6 +395,7 @@ def main() -> None:
             }
             if name == "nifti_gz":
                 row["bare_decode"] = decode_rates(path, n_nii)
+                row["reference_decoder"] = "isal" if "isal_gzip_slices_per_s" in row["bare_decode"] else "stdlib"
                 ref = row["bare_decode"].get("isal_gzip_slices_per_s", row["bare_decode"]["stdlib_gzip_slices_per_s"])
                 row["fraction_of_bare_decode_unpaired"] = round(m["slices_per_s"] / ref, 2)
                 row["fraction_of_bare_stdlib_decode"] = round(

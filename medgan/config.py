@@ -52,8 +52,8 @@ class IngestConfig:
     # The largest volume (decoded, as float32) a header may declare; a source declaring more is skipped unread, so a
     # tiny hostile file cannot make ingest allocate gigabytes. Each worker holds about one volume at a time.
     max_volume_mb: float = 4096.0
-    # Inflate .nii.gz sources with ISA-L (the isal package, ~3x zlib's speed) when it is installed; false = nibabel's
-    # stdlib gzip. The voxels are the same either way.
+    # Inflate .nii.gz sources with ISA-L (the isal package, ~2.3x zlib's speed) when it is installed; false = nibabel's
+    # own gzip reader. The voxels are the same either way.
     fast_gunzip: bool = True
 
     def __post_init__(self) -> None:

@@ -206,7 +206,10 @@ def test_isal_inflate_reads_what_the_stdlib_reads(shared_data, tmp_path):
         assert (fast[0].slope, fast[0].intercept, fast[0].modality) == (plain[0].slope, plain[0].intercept,
                                                                         plain[0].modality)  # fmt: skip
         np.testing.assert_array_equal(fast[0].positions_mm, plain[0].positions_mm)
+        assert (fast[0].spacing_mm, fast[0].notes) == (plain[0].spacing_mm, plain[0].notes)
         assert fast[1] == plain[1] and np.array_equal(fast[2], plain[2])
+    seg = require(shared_data / "nifti" / "totalsegmentator_ct_mr_with_labels" / "example_seg.nii.gz")
+    np.testing.assert_array_equal(read_mask(seg, fast_gunzip=True), read_mask(seg, fast_gunzip=False))
     (tmp_path / "cut.nii.gz").write_bytes(gzip.compress(raw)[:-40])
     reasons = set()
     for f in (True, False):
