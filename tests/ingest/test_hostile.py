@@ -94,7 +94,10 @@ def extension_bomb(path: Path, esize: int = 7, payload_mb: int = 256) -> Path:
     hdr.set_qform(np.eye(4), 1)
     hdr["vox_offset"] = 352 + 16
     ext = np.array([esize, 6], "<i4").tobytes() + bytes(8)
-    path.write_bytes(gzip.compress(hdr.binaryblock + b"\1\0\0\0" + ext + bytes(128) + bytes(payload_mb << 20)))
+    with gzip.open(path, "wb") as f:  # written in 1 MB pieces: this process never holds the payload
+        f.write(hdr.binaryblock + b"\1\0\0\0" + ext + bytes(128))
+        for _ in range(payload_mb):
+            f.write(bytes(1 << 20))
     return path
 
 
