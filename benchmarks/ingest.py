@@ -278,45 +278,42 @@ def machine_scaling(nii: Path, n: int = 6) -> float:
     return round(best[1] / best[2], 2)
 
 
-def gunzip_ab(manifest: Path, tmp: Path, rounds: int) -> dict:
-    """`run_ingest` of the manifest with one worker, ``ingest.fast_gunzip`` false (nibabel's stdlib gzip) and true
-    (ISA-L), interleaved: best of each and the speedup."""
+def _best_rates(manifest: Path, tmp: Path, rounds: int, variants: dict) -> tuple[dict, dict]:
+    """`run_ingest` of the manifest under each variant (name -> extra ``--set`` values), interleaved round by round:
+    (the best slices/s of each, its work-item count). Best of the rounds: other tenants only slow a run down."""
     from medgan.config import load_config
-    from medgan.ingest import fastgz, run_ingest
+    from medgan.ingest import run_ingest
+
+    best, items = dict.fromkeys(variants, 0.0), {}
+    for _ in range(rounds):
+        for name, sets in variants.items():
+            cfg = load_config(sets=["ingest.min_foreground_fraction=0", *sets])
+            shutil.rmtree(tmp / f"ds-{name}", ignore_errors=True)
+            t0 = time.perf_counter()
+            rep = run_ingest(cfg, tmp / f"ds-{name}", manifest=manifest, key_file=tmp / "key" / "k", progress=False)
+            best[name] = max(best[name], rep.n_slices / (time.perf_counter() - t0))
+            items[name] = rep.n_items
+    return best, items
+
+
+def gunzip_ab(manifest: Path, tmp: Path, rounds: int) -> dict:
+    """`run_ingest` of the manifest with one worker, ``ingest.fast_gunzip`` false (nibabel's own gzip) and true
+    (ISA-L), interleaved: best of each and the speedup."""
+    from medgan.ingest import fastgz
 
     if not fastgz.available():
         return {"not_measured": "isal is not installed"}
-    best = {False: 0.0, True: 0.0}
-    for _ in range(rounds):
-        for fast in (False, True):
-            cfg = load_config(
-                sets=["ingest.workers=1", "ingest.min_foreground_fraction=0", f"ingest.fast_gunzip={fast}"]
-            )
-            shutil.rmtree(tmp / "dsgz", ignore_errors=True)
-            t0 = time.perf_counter()
-            rep = run_ingest(cfg, tmp / "dsgz", manifest=manifest, key_file=tmp / "key" / "k", progress=False)
-            best[fast] = max(best[fast], rep.n_slices / (time.perf_counter() - t0))
+    one = "ingest.workers=1"
+    best, _ = _best_rates(manifest, tmp, rounds, {"stdlib": [one, "ingest.fast_gunzip=false"], "isal": [one]})
     return {
-        "stdlib_slices_per_s": round(best[False], 1),
-        "isal_slices_per_s": round(best[True], 1),
-        "speedup": round(best[True] / best[False], 2),
+        **{f"{k}_slices_per_s": round(v, 1) for k, v in best.items()},
+        "speedup": round(best["isal"] / best["stdlib"], 2),
     }
 
 
 def _one_vs_two(manifest: Path, tmp: Path, rounds: int) -> dict:
-    """run_ingest with 1 and 2 workers, interleaved 1, 2, 1, 2: best of each (other tenants only slow a run down)."""
-    from medgan.config import load_config
-    from medgan.ingest import run_ingest
-
-    best, items = {1: 0.0, 2: 0.0}, {}
-    for _ in range(rounds):
-        for w in (1, 2):
-            cfg = load_config(sets=[f"ingest.workers={w}", "ingest.min_foreground_fraction=0"])
-            shutil.rmtree(tmp / f"ds{w}", ignore_errors=True)
-            t0 = time.perf_counter()
-            rep = run_ingest(cfg, tmp / f"ds{w}", manifest=manifest, key_file=tmp / "key" / "k", progress=False)
-            best[w] = max(best[w], rep.n_slices / (time.perf_counter() - t0))
-            items[w] = rep.n_items
+    """run_ingest with 1 and 2 workers, interleaved 1, 2, 1, 2: best of each."""
+    best, items = _best_rates(manifest, tmp, rounds, {w: [f"ingest.workers={w}"] for w in (1, 2)})
     out = {f"workers_{w}_slices_per_s": round(best[w], 1) for w in (1, 2)}
     out["work_items_1_2"] = [items[1], items[2]]
     out["speedup_2_vs_1"] = round(best[2] / best[1], 2)

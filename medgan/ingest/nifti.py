@@ -27,6 +27,14 @@ _MAX_OFFSET = 64 << 20  # header extensions beyond this are not plausible
 GUESS_SAMPLES = 200_000  # voxels the modality guess looks at (every size // GUESS_SAMPLES-th, in stored order)
 
 
+# What a corrupt or cut gzip stream raises, through the stdlib or ISA-L (OSError covers gzip.BadGzipFile).
+_GZIP_ERRORS = (OSError, EOFError, zlib.error, *fastgz.ERRORS)
+
+
+def _gzip_error(name: str, e: BaseException) -> ValueError:
+    return ValueError(f"{name}: gzip stream is corrupt or truncated ({' '.join(str(e).split())})")
+
+
 def is_nifti(path: Path) -> bool:
     """True for ``.nii`` and ``.nii.gz`` file names."""
     name = path.name.lower()
@@ -43,8 +51,8 @@ def _first_bytes(path: Path, n: int) -> tuple[bytes, bool]:
         try:
             with gzip.GzipFile(fileobj=fp) as g:
                 return g.read(n), True
-        except (OSError, EOFError, zlib.error) as e:
-            raise ValueError(f"{path.name}: gzip stream is corrupt or truncated ({e})") from None
+        except _GZIP_ERRORS as e:
+            raise _gzip_error(path.name, e) from None
 
 
 def check_header(path: str | Path, max_volume_mb: float = 4096) -> tuple[type[nib.Nifti1Image], bool]:
@@ -123,9 +131,8 @@ def _opened(path: Path, max_volume_mb: float, fast_gunzip: bool) -> Iterator[nib
         except MemoryError:
             raise ValueError(f"{path.name}: not enough memory to read its header") from None
         except Exception as e:
-            if gz and isinstance(e, (EOFError, zlib.error, gzip.BadGzipFile, *fastgz.ERRORS)):
-                msg = " ".join(str(e).split())
-                raise ValueError(f"{path.name}: gzip stream is corrupt or truncated ({msg})") from None
+            if gz and isinstance(e, (EOFError, zlib.error, gzip.BadGzipFile, *fastgz.ERRORS)):  # not other OSErrors
+                raise _gzip_error(path.name, e) from None
             raise ValueError(f"{path.name}: not a readable NIfTI file ({type(e).__name__}: {e})") from None
         if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
             raise ValueError(f"{path.name}: not a NIfTI image ({type(img).__name__})")
@@ -148,11 +155,11 @@ def _voxels(img: nib.Nifti1Image | nib.Nifti2Image, index: tuple, name: str) -> 
         return np.asarray(proxy[index], dtype=np.float32), 1.0, 0.0
     except MemoryError:
         raise ValueError(f"{name}: not enough memory to read its {img.shape} voxels") from None
-    except (OSError, EOFError, zlib.error, *fastgz.ERRORS) as e:
+    except _GZIP_ERRORS as e:
         msg = " ".join(str(e).split())
         if msg.startswith("Expected"):  # nibabel: "Expected N bytes, got M bytes from <file>"
             raise ValueError(f"{name}: voxel data is truncated ({msg.split(' from ')[0]})") from None
-        raise ValueError(f"{name}: gzip stream is corrupt or truncated ({msg})") from None
+        raise _gzip_error(name, e) from None
     except ValueError as e:
         raise ValueError(f"{name}: voxel data is truncated or corrupt ({e})") from None
 
