@@ -91,6 +91,7 @@ class TrainConfig:
     ada_target: float = 0.6  # target r_t for ADA
     ada_kimg: float = 100.0  # ADA adjustment speed (kimg for p to go 0 -> 1)
     ema_kimg: float = 10.0  # EMA half-life of G_ema in kimg
+    standing_stats: int = 512  # G_ema's batch norms use its own statistics over this many images; 0 = G's
     log_every_kimg: float = 1.0
     sample_every_kimg: float = 10.0
     ckpt_every_kimg: float = 10.0

@@ -22,7 +22,7 @@ from medgan.config import Config, flatten, from_dict, to_dict
 from medgan.data import DeviceFeeder, step_seed
 from medgan.dataset import SliceDataset
 from medgan.models.discriminator import Discriminator
-from medgan.models.generator import Generator, generate
+from medgan.models.generator import Generator, generate, standing_stats
 from medgan.tracking.null import NullTracker
 from medgan.train import dist, losses
 from medgan.train.augment import Augment
@@ -165,6 +165,23 @@ def train(
     deadline = tick_time + t.max_minutes * 60 if t.max_minutes > 0 else None
     out_of_time = False
 
+    label_pool = feeder.labels.cpu().numpy()
+    stats_at = -1  # images_seen when G_ema's BN statistics were last set
+
+    def ema_ready() -> None:
+        # G_ema's BN statistics for its weights of now, before it is sampled, saved or registered (rank 0): standing
+        # statistics (train.standing_stats images), or with 0 the trained G's running statistics.
+        nonlocal stats_at
+        if stats_at == images_seen:
+            return
+        if t.standing_stats > 0:
+            standing_stats(G_ema, label_pool, t.standing_stats, b, seed=t.seed)
+        else:
+            with torch.no_grad():
+                for be, bg in zip(G_ema.buffers(), G.buffers(), strict=True):
+                    be.copy_(bg)
+        stats_at = images_seen
+
     def snapshot() -> Path:
         state = {
             "G": G.state_dict(), "D": D.state_dict(), "G_ema": G_ema.state_dict(),
@@ -224,15 +241,13 @@ def train(
             opt_g.step()
             mon.record_g(loss_g, t.d_steps)
 
-            # EMA of G with a half-life in images, ramped up early (Karras 2020); buffers (BN stats) copied.
+            # EMA of G with a half-life in images, ramped up early (Karras 2020); its BN statistics: ema_ready().
             ema_images = t.ema_kimg * 1000
             if t.ema_rampup > 0:
                 ema_images = min(ema_images, images_seen * t.ema_rampup)
             beta = 0.5 ** (t.batch_size * t.d_steps / max(ema_images, 1e-8))
             with torch.no_grad():
                 swa_utils.get_ema_multi_avg_fn(beta)(list(G_ema.parameters()), g_params, None)  # one fused lerp
-                for be, bg in zip(G_ema.buffers(), G.buffers(), strict=True):
-                    be.copy_(bg)
             bar.update(min(images_seen, total) - bar.n)
             if deadline is not None and log_now:
                 # The wall-clock budget, checked at log points (so it may run over by one log interval) and agreed by
@@ -272,6 +287,7 @@ def train(
             # Fixed-noise grids per class from G_ema (rank 0), and the mode-collapse watch on the same samples.
             if images_seen >= next_sample or done:
                 if env.is_main:
+                    ema_ready()
                     samples = generate(G_ema, fixed_labels, fixed_seeds, device=device)
                     for c, name in enumerate(classes):
                         grid = image_grid(samples[fixed_labels == c], ncol=t.samples_per_class)
@@ -294,6 +310,7 @@ def train(
                         f"parameters became NaN/inf at {kimg:.3f} kimg; the last good checkpoint is {last_ckpt}"
                     )
                 if env.is_main:
+                    ema_ready()
                     last_ckpt = snapshot()
                 next_ckpt = _next(images_seen, ckpt_every)
         bar.close()
@@ -302,6 +319,7 @@ def train(
         if env.is_main and history:
             tracker.log_artifact(health_figure(history, run_dir / "health.png"))
         if env.is_main and cfg.track.register:
+            ema_ready()
             tracker.register_generator(G_ema, cfg, classes, ds.content_hash, metrics, step=images_seen)
         tracker.finish("FINISHED")  # catches up what a tracking outage kept (the registration included)
     except BaseException:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import torch
 from train_helpers import tiny_config
 
 from medgan.models.generator import generate
@@ -75,3 +76,59 @@ def test_a_wall_clock_budget_ends_the_run_saved_and_registered(halves, tmp_path,
     assert tracker.finished == "FINISHED" and tracker.registered == 32
     assert tracker.tags["medgan.stopped_by"] == "train.max_minutes=0.0001"
     assert any(name.startswith("samples/") and step == 32 for name, step, _ in tracker.images)
+
+
+def _bn_input_stats(G: torch.nn.Module, n_batches: int, batch_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Each batch norm's per-channel input mean and variance (averaged over batches), G in train mode on fresh noise:
+    the statistics its own weights produce."""
+    norms = [m for m in G.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    sums = [[torch.zeros(m.num_features, dtype=torch.float64) for _ in range(2)] for m in norms]
+
+    def record(i: int):
+        def hook(module, inputs) -> None:
+            x = inputs[0].double()
+            sums[i][0].add_(x.mean((0, 2, 3)))
+            sums[i][1].add_(x.var((0, 2, 3)))
+
+        return hook
+
+    hooks = [m.register_forward_pre_hook(record(i)) for i, m in enumerate(norms)]
+    g = torch.Generator().manual_seed(99)
+    G.train()
+    with torch.no_grad():
+        for _ in range(n_batches):
+            z = torch.randn(batch_size, G.z_dim, generator=g)
+            G(z, torch.randint(0, G.num_classes, (batch_size,), generator=g))
+    G.eval()
+    for h in hooks:
+        h.remove()
+    return [(m / n_batches, v / n_batches) for m, v in sums]
+
+
+def test_the_ema_generator_normalises_with_its_own_statistics(halves, tmp_path, tracker):
+    # The EMA generator's weights differ from the trained G's, so the trained G's running statistics misnormalise it:
+    # the saved G_ema carries the statistics of its own activations (train.standing_stats), G's with 0.
+    ckpt = {
+        n: train(tiny_config(total_kimg=0.5, standing_stats=n), halves, out_dir=tmp_path / str(n), resume=None,
+                 preset="t", tracker=tracker).checkpoint
+        for n in (512, 0)
+    }  # fmt: skip
+    standing, copied = (torch.load(ckpt[n], weights_only=True) for n in (512, 0))
+    means = [k for k in standing["G_ema"] if k.endswith("running_mean")]
+    assert len(means) == 5  # the 4x4 stem and the four up blocks
+    for k in means:  # with 0, the buffers are G's; the weights (and so everything else) train the same either way
+        assert torch.equal(copied["G_ema"][k], copied["G"][k])
+        assert torch.equal(standing["G"][k], copied["G"][k])
+
+    loaded = load_generator(ckpt[512])
+    own = _bn_input_stats(loaded.G, n_batches=128, batch_size=8)
+
+    def misfit(state: dict) -> float:  # mean and variance error, in units of the layer's own standard deviation
+        errors = []
+        for k, (mean, var) in zip(means, own, strict=True):
+            rm, rv = state[k].double(), state[k.replace("running_mean", "running_var")].double()
+            errors.append(((rm - mean).abs() / var.sqrt()).mean() + (rv / var - 1).abs().mean())
+        return float(max(errors))
+
+    assert misfit(standing["G_ema"]) < 0.2  # its own statistics, up to sampling
+    assert misfit(copied["G_ema"]) > 2 * misfit(standing["G_ema"])  # G's statistics are another generator's
