@@ -87,6 +87,7 @@ RULES: dict[str, Rule] = {
     "train.ada_target": _within(0, 1),
     "train.ada_kimg": _above(0),
     "train.ema_kimg": _at_least(0),
+    "train.standing_stats": _at_least(0),
     "train.log_every_kimg": _above(0),
     "train.sample_every_kimg": _above(0),
     "train.ckpt_every_kimg": _above(0),
