@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
+from torch.optim import swa_utils
 
 from medgan.config import ModelConfig
 
@@ -123,39 +124,42 @@ def generate(
     return out
 
 
-@torch.no_grad()
+class _Packed(nn.Module):
+    """G on one tensor per batch, [B, z_dim + 1]: the latents, then the label (`update_bn` passes one input)."""
+
+    def __init__(self, G: Generator):
+        super().__init__()
+        self.G = G
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.G(x[:, :-1], x[:, -1].long())
+
+
 def standing_stats(G: Generator, labels: np.ndarray, n_images: int, batch_size: int, seed: int) -> None:
     """Give G's batch norms the statistics of G's own weights ("standing statistics", Brock et al. 2019).
 
     An EMA generator averages the weights, but its running statistics would come from the trained generator's
-    recent batches: statistics of other weights. This runs ``n_images // batch_size`` batches of G in train mode,
-    without gradients, and keeps the average of their batch means and variances, the normalisation G saw in training.
-    Labels are drawn from `labels` (the training labels, so classes weigh as they did in training). Its own random
-    generator leaves the global one untouched, and the same weights, `seed` and sizes give the same statistics.
+    recent batches: statistics of other weights. torch's ``swa_utils.update_bn`` runs ``n_images // batch_size``
+    batches of G in train mode, without gradients, and keeps the average of their batch means and variances, the
+    normalisation G saw in training. Labels are drawn from `labels` (the training labels, so classes weigh as they did
+    in training). Its own random generator leaves the global one untouched, and the same weights, `seed` and sizes
+    give the same statistics.
 
     Args:
-        G: the generator (left in eval mode).
+        G: the generator (its train/eval mode is kept).
         labels: the label pool, int64.
         n_images: images to accumulate over (at least one batch).
         batch_size: images per batch (the training batch per process).
         seed: the noise and label seed.
     """
-    device = next(G.parameters()).device
-    norms = [m for m in G.modules() if isinstance(m, nn.BatchNorm2d)]
-    saved = [m.momentum for m in norms]
-    for m in norms:
-        m.reset_running_stats()
-        m.momentum = None  # a cumulative average over the batches below
     gen = torch.Generator().manual_seed(seed)
     pool = torch.as_tensor(np.asarray(labels, dtype=np.int64))
-    G.train()
+    batches = []
     for _ in range(max(1, n_images // batch_size)):
         z = torch.randn(batch_size, G.z_dim, generator=gen)
         y = pool[torch.randint(0, len(pool), (batch_size,), generator=gen)]
-        G(z.to(device), y.to(device))
-    G.eval()
-    for m, momentum in zip(norms, saved, strict=True):
-        m.momentum = momentum
+        batches.append(torch.cat([z, y[:, None].float()], 1))
+    swa_utils.update_bn(batches, _Packed(G).train(G.training), device=next(G.parameters()).device)
 
 
 class LoadedGenerator:
