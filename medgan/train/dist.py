@@ -1,7 +1,7 @@
 """Device, precision and DDP, decided once: the loop asks `Env` and never branches on hardware itself.
 
-bf16 autocast on CUDA, fp32 on the CPU (bf16 autocast trained worse per CPU-minute on both CPUs measured, 1.2x
-slower on one and 1.9x faster on the other: docs/results.md; `train.precision=bf16` asks for it);
+bf16 autocast on CUDA, fp32 on the CPU (bf16 autocast is 1.2x slower on one CPU measured and 1.7-1.9x faster,
+and then better per minute, on the other: docs/results.md; `train.precision=bf16` asks for it);
 channels_last; torch.compile on CUDA only (slower on CPU). DDP follows torchrun: its RANK/WORLD_SIZE/LOCAL_RANK
 variables are the one environment read here (library code otherwise never reads the environment); gloo on CPU, NCCL
 on GPU. Any torchrun launch joins a process group, one process included, so `torchrun --nproc_per_node 1` runs the
