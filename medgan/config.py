@@ -95,7 +95,7 @@ class TrainConfig:
     log_every_kimg: float = 1.0
     sample_every_kimg: float = 10.0
     ckpt_every_kimg: float = 10.0
-    precision: str = "auto"  # auto | bf16 | fp32 (auto: bf16 autocast on CUDA, fp32 on the CPU, where it is faster)
+    precision: str = "auto"  # auto | bf16 | fp32 (auto: bf16 autocast on CUDA, fp32 on the CPU: docs/results.md)
     compile: str = "auto"  # auto | true | false (auto: compile on CUDA only; slower on CPU)
     channels_last: bool = True
     device: str = "auto"  # auto | cpu | cuda | cuda:N
