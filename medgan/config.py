@@ -69,6 +69,9 @@ class ModelConfig:
     d_reduce_channels: int | None = 32  # 1x1 conv reduction of D's 64x64 features; None ("none") = unreduced
     spectral_norm: bool = True  # spectral norm in D
     embed_dim: int = 128  # class embedding size for conditional batch norm in G
+    # Weight of an auxiliary class loss through a linear head on D's pooled features (0 = no head): D learns the class
+    # of real images, G is rewarded when that head recognises the class it was asked for.
+    class_loss: float = 0.0
 
     def __post_init__(self) -> None:
         _check_section("model", self)

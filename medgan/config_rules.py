@@ -72,6 +72,7 @@ RULES: dict[str, Rule] = {
     "model.d_max_channels": _at_least(1),
     "model.d_reduce_channels": _NONE_OR_POSITIVE,
     "model.embed_dim": _at_least(1),
+    "model.class_loss": _at_least(0),
     "train.total_kimg": _above(0),
     "train.max_minutes": _at_least(0),
     "train.batch_size": _at_least(1),

@@ -25,6 +25,7 @@ class Discriminator(nn.Module):
         max_channels: int = 512,
         reduce_channels: int | None = 32,
         spectral_norm: bool = True,
+        class_head: bool = False,
     ):
         super().__init__()
         if reduce_channels is not None and reduce_channels < 1:
@@ -53,6 +54,8 @@ class Discriminator(nn.Module):
         self.out_channels = ch[4]
         self.fc = sn(nn.Linear(ch[4], 1))
         self.embed = sn(nn.Embedding(num_classes, ch[4]))
+        # Auxiliary classifier on the pooled features (model.class_loss > 0): class logits beside the real/fake logit.
+        self.classify = sn(nn.Linear(ch[4], num_classes)) if class_head else None
 
     def stem_features(self, x: torch.Tensor) -> torch.Tensor:
         """The stem's feature map, [B, width, 64, 64]."""
@@ -64,14 +67,21 @@ class Discriminator(nn.Module):
         """The reduced 64x64 map fed to the downsampling blocks, [B, reduce_channels or width, 64, 64]."""
         return self.reduce(self.stem_features(x))
 
-    def forward(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, labels: torch.Tensor, with_class: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Real/fake logits [B]; with ``with_class`` also the class head's logits [B, num_classes]."""
         assert labels.shape == (x.shape[0],), f"labels must be [B]={x.shape[0]}, got {tuple(labels.shape)}"
         h = self.blocks(self.features(x))  # (B, C4, 4, 4)
         h = h.sum(dim=(2, 3))  # (B, C4): sum pooling as in SNGAN/BigGAN
         # Projection conditioning (Miyato & Koyama 2018, eq. 3): unconditional term + class-embedding inner product.
         logits = self.fc(h).squeeze(1) + (self.embed(labels) * h).sum(dim=1)
+        if with_class:
+            assert self.classify is not None, "with_class needs a class head (model.class_loss > 0)"
+            return logits, self.classify(h)
         return logits  # (B,) logits, never probabilities
 
     @classmethod
     def from_config(cls, cfg: ModelConfig, num_classes: int) -> Discriminator:
-        return cls(num_classes, cfg.width, cfg.d_max_channels, cfg.d_reduce_channels, cfg.spectral_norm)
+        head = cfg.class_loss > 0
+        return cls(num_classes, cfg.width, cfg.d_max_channels, cfg.d_reduce_channels, cfg.spectral_norm, head)

@@ -132,6 +132,7 @@ def train(
     # Compile on CUDA only; R1's double backward and checkpoints use the eager modules.
     G_run, D_run = (torch.compile(G), torch.compile(D)) if env.compile else (G, D)
     g_params, d_params = list(G.parameters()), list(D.parameters())
+    cw = cfg.model.class_loss
 
     feeder = DeviceFeeder(ds, device, t.seed, env.rank, env.world_size)
     fixed_labels = np.repeat(np.arange(nc), t.samples_per_class)
@@ -207,10 +208,12 @@ def train(
                     fake = G_run(z, y)  # (b, 1, 128, 128)
                 x = aug(torch.cat([real, fake.detach().float()]), gen).contiguous(memory_format=mf)
                 with env.autocast():
-                    logits = D_run(x, torch.cat([y, y])).float()  # (2b,)
-                logits_real, logits_fake = logits[:b], logits[b:]
+                    out = D_run(x, torch.cat([y, y]), with_class=True) if cw > 0 else (D_run(x, torch.cat([y, y])),)
+                logits_real, logits_fake = out[0].float()[:b], out[0].float()[b:]  # (b,) each
                 loss_d = losses.discriminator_loss(t.loss, logits_real, logits_fake, t.label_smoothing)
                 total_d = loss_d
+                if cw > 0:  # D's class head learns from real images only, so G cannot teach it its own mistakes
+                    total_d = total_d + cw * losses.class_loss(out[1][:b], y)
                 # Lazy R1 (Karras 2020): every r1_interval steps, scaled by the interval, in fp32 on eager D.
                 if t.r1_gamma > 0 and d_step % t.r1_interval == 0:
                     run_d = lambda v, g=gen, c=y: D(aug(v, g).contiguous(memory_format=mf), c)  # noqa: E731
@@ -230,8 +233,11 @@ def train(
             # G step through a frozen D: only the input gradient flows back, no D weight grads (non-saturating loss).
             D.requires_grad_(False)
             with env.autocast():
-                logits_g = D_run(aug(fake.float(), gen).contiguous(memory_format=mf), y).float()
-            loss_g = losses.generator_loss(t.loss, logits_g)
+                x_g = aug(fake.float(), gen).contiguous(memory_format=mf)
+                out = D_run(x_g, y, with_class=True) if cw > 0 else (D_run(x_g, y),)
+            loss_g = losses.generator_loss(t.loss, out[0].float())
+            if cw > 0:
+                loss_g = loss_g + cw * losses.class_loss(out[1], y)
             opt_g.zero_grad(set_to_none=True)
             loss_g.backward()
             D.requires_grad_(True)

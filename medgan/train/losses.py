@@ -36,6 +36,11 @@ def generator_loss(kind: str, fake: torch.Tensor) -> torch.Tensor:
     return F.softplus(-fake).mean()
 
 
+def class_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of D's class head (auxiliary classifier, Odena 2017) against the labels, in fp32."""
+    return F.cross_entropy(logits.float(), labels)
+
+
 def r1_penalty(run_d: Callable[[torch.Tensor], torch.Tensor], real: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """||grad_x D(x)||^2 per real image, in fp32 (bf16 gradients of gradients are too coarse for this penalty).
 

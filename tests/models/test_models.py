@@ -87,3 +87,19 @@ def test_generate_is_deterministic_per_label_and_seed():
     assert a.shape == (3, 1, 128, 128)
     assert (a[1] == b[0]).all() and (a[0] == b[1]).all()
     assert torch.equal(noise_for_seeds([3], 16)[0], noise_for_seeds([1, 3], 16)[1])
+
+
+def test_class_head_beside_the_projection_logit():
+    # model.class_loss > 0 adds an auxiliary classifier on D's pooled features; 0 builds the same D as before.
+    cfg = ModelConfig(width=8, d_max_channels=32, d_reduce_channels=4)
+    plain = Discriminator.from_config(cfg, num_classes=3)
+    assert plain.classify is None and not any("classify" in k for k in plain.state_dict())
+    cfg.class_loss = 0.5
+    D = Discriminator.from_config(cfg, num_classes=3).eval()  # eval: spectral norm's power iteration stands still
+    x, y = torch.randn(4, 1, 128, 128), torch.tensor([0, 1, 2, 0])
+    logits, cls = D(x, y, with_class=True)
+    assert logits.shape == (4,) and cls.shape == (4, 3)
+    assert torch.equal(D(x, y), logits)  # the real/fake logit is the same with or without the class head's output
+    assert D.features(x).shape == (4, 4, 64, 64)  # the 1x1 reduction is untouched
+    with pytest.raises(AssertionError, match="class head"):
+        plain(x, y, with_class=True)

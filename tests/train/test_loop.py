@@ -8,6 +8,9 @@ import numpy as np
 import torch
 from train_helpers import tiny_config
 
+from medgan import checkpoint
+from medgan.dataset import SliceDataset
+from medgan.models.discriminator import Discriminator
 from medgan.models.generator import generate
 from medgan.tracking.registry import load_generator
 from medgan.train.loop import train
@@ -132,3 +135,23 @@ def test_the_ema_generator_normalises_with_its_own_statistics(halves, tmp_path, 
 
     assert misfit(standing["G_ema"]) < 0.2  # its own statistics, up to sampling
     assert misfit(copied["G_ema"]) > 2 * misfit(standing["G_ema"])  # G's statistics are another generator's
+
+
+def test_the_class_loss_teaches_d_the_classes_and_resumes(halves, tmp_path, tracker):
+    # model.class_loss: D's class head learns the real images' classes; the head travels in the checkpoint.
+    cfg = tiny_config(total_kimg=0.512, augment="none", lr_d=5e-4)
+    cfg.model.class_loss = 0.5
+    first = train(cfg, halves, out_dir=tmp_path, resume=None, preset="test", tracker=tracker)
+    state = checkpoint.load(first.checkpoint)
+    assert state["config"]["model"]["class_loss"] == 0.5 and any("classify" in k for k in state["D"])
+    D = Discriminator.from_config(cfg.model, 2)
+    D.load_state_dict(state["D"])
+    ds = SliceDataset.open(halves)
+    x, y = torch.tensor(np.array(ds.images[:64])).float(), torch.tensor(ds.labels[:64]).long()
+    with torch.no_grad():
+        _, cls = D(x, y, with_class=True)
+    assert (cls.argmax(1) == y).float().mean() >= 0.9
+
+    cfg.train.total_kimg = 0.576  # resume reads the head back (strict load) and keeps training it
+    resumed = train(cfg, halves, out_dir=tmp_path, resume=str(first.run_dir), preset="test", tracker=tracker)
+    assert resumed.checkpoint.name == "ckpt-000000576.pt"
