@@ -134,6 +134,11 @@ def train(
     g_params, d_params = list(G.parameters()), list(D.parameters())
     cw = cfg.model.class_loss
 
+    def d_out(x: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """D's real/fake logits [B] in fp32 and, with model.class_loss > 0, its class logits [B, classes]."""
+        out = D_run(x, labels, with_class=True) if cw > 0 else (D_run(x, labels), None)
+        return out[0].float(), out[1]
+
     feeder = DeviceFeeder(ds, device, t.seed, env.rank, env.world_size)
     fixed_labels = np.repeat(np.arange(nc), t.samples_per_class)
     fixed_seeds = np.tile(np.arange(t.samples_per_class), nc)
@@ -208,12 +213,12 @@ def train(
                     fake = G_run(z, y)  # (b, 1, 128, 128)
                 x = aug(torch.cat([real, fake.detach().float()]), gen).contiguous(memory_format=mf)
                 with env.autocast():
-                    out = D_run(x, torch.cat([y, y]), with_class=True) if cw > 0 else (D_run(x, torch.cat([y, y])),)
-                logits_real, logits_fake = out[0].float()[:b], out[0].float()[b:]  # (b,) each
+                    logits, cls = d_out(x, torch.cat([y, y]))  # (2b,), (2b, classes) or None
+                logits_real, logits_fake = logits[:b], logits[b:]
                 loss_d = losses.discriminator_loss(t.loss, logits_real, logits_fake, t.label_smoothing)
                 total_d = loss_d
-                if cw > 0:  # D's class head learns from real images only, so G cannot teach it its own mistakes
-                    total_d = total_d + cw * losses.class_loss(out[1][:b], y)
+                if cls is not None:  # D's class head learns from real images only, so G cannot teach it its mistakes
+                    total_d = total_d + cw * losses.class_loss(cls[:b], y)
                 # Lazy R1 (Karras 2020): every r1_interval steps, scaled by the interval, in fp32 on eager D.
                 if t.r1_gamma > 0 and d_step % t.r1_interval == 0:
                     run_d = lambda v, g=gen, c=y: D(aug(v, g).contiguous(memory_format=mf), c)  # noqa: E731
@@ -233,11 +238,10 @@ def train(
             # G step through a frozen D: only the input gradient flows back, no D weight grads (non-saturating loss).
             D.requires_grad_(False)
             with env.autocast():
-                x_g = aug(fake.float(), gen).contiguous(memory_format=mf)
-                out = D_run(x_g, y, with_class=True) if cw > 0 else (D_run(x_g, y),)
-            loss_g = losses.generator_loss(t.loss, out[0].float())
-            if cw > 0:
-                loss_g = loss_g + cw * losses.class_loss(out[1], y)
+                logits_g, cls_g = d_out(aug(fake.float(), gen).contiguous(memory_format=mf), y)
+            loss_g = losses.generator_loss(t.loss, logits_g)
+            if cls_g is not None:
+                loss_g = loss_g + cw * losses.class_loss(cls_g, y)
             opt_g.zero_grad(set_to_none=True)
             loss_g.backward()
             D.requires_grad_(True)
